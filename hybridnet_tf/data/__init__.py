@@ -1,0 +1,1 @@
+"""Where the data comes in: sources -> (image, multi-hot) -> tf.data pipeline."""

@@ -1,0 +1,28 @@
+"""Shared test fixtures: quiet TF logs, seeded runs, the coco128 fixture path."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The real COCO fixture lives beside the repo (../shared/data/coco128) and is never copied in.
+COCO128_DIR = Path(os.environ.get("HYBRIDNET_COCO128", REPO_ROOT.parent / "shared/data/coco128"))
+
+
+@pytest.fixture
+def coco128_dir():
+    """Path to the coco128 fixture; skips the test where it is absent."""
+    if not (COCO128_DIR / "annotations/instances_train2017.json").is_file():
+        pytest.skip(f"coco128 fixture not found at {COCO128_DIR} (set HYBRIDNET_COCO128)")
+    return COCO128_DIR
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    import keras
+
+    keras.utils.set_random_seed(1234)
+    yield
