@@ -1,0 +1,153 @@
+"""The `hybridnet-tf` command line: demo-data, train, evaluate, predict."""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _cmd_demo_data(args):
+    from hybridnet_tf.data.demo_scenes import write_demo_dataset
+
+    start = time.perf_counter()
+    info = write_demo_dataset(
+        args.out, seed=args.seed, num_train=args.train, num_val=args.val, image_size=args.size
+    )
+    print(
+        f"wrote {info['num_train']} train + {info['num_val']} val images "
+        f"({info['num_categories']} classes) to {args.out} in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
+def _cmd_train(args):
+    from hybridnet_tf.config import load_config
+    from hybridnet_tf.experiment import run_train
+
+    config = load_config(args.config, args.set)
+    run_dir = args.run_dir or os.path.join(
+        "runs", os.path.splitext(os.path.basename(args.config or "default"))[0]
+    )
+    start = time.perf_counter()
+    history = run_train(config, run_dir)
+    summary = {k: round(v[-1], 4) for k, v in history.items()}
+    print(f"trained in {time.perf_counter() - start:.0f} s; last epoch: {summary}")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _format_metrics(metrics):
+    keys = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1")
+    line = "  ".join(f"{k} {100 * metrics[k]:.2f}" for k in keys)
+    extra = f"\nimages {metrics['num_images']}, classes counted {metrics['num_classes_counted']}"
+    if "decoded_set" in metrics:
+        decoded = metrics["decoded_set"]
+        extra += "\ndecoded label sets: " + "  ".join(
+            f"{k} {100 * decoded[k]:.2f}" for k in keys[1:]
+        )
+    return line + extra
+
+
+def _cmd_evaluate(args):
+    from hybridnet_tf.experiment import run_evaluate
+
+    metrics = run_evaluate(args.run_dir, data_config=args.data, split=args.split, threshold=args.threshold)
+    print(_format_metrics(metrics))
+    print(f"wrote {os.path.join(args.run_dir, 'eval', 'metrics.json')}")
+    return 0
+
+
+def _cmd_predict(args):
+    from hybridnet_tf.experiment import image_size_of, load_run
+    from hybridnet_tf.prediction import expand_image_paths, predict_files
+
+    config, vocabulary, model = load_run(args.run_dir)
+    paths = expand_image_paths(args.images)
+    if not paths:
+        print("no image files found in " + " ".join(args.images), file=sys.stderr)
+        return 2
+    results = predict_files(
+        model,
+        paths,
+        vocabulary,
+        image_size_of(config),
+        resize=config["data"]["resize"],
+        threshold=args.threshold,
+    )
+    failed = 0
+    for result in results:
+        if "error" in result:
+            failed += 1
+            print(f"{result['path']}: ERROR {result['error']}", file=sys.stderr)
+        else:
+            labels = ", ".join(f"{item['label']} {item['score']:.2f}" for item in result["labels"])
+            print(f"{result['path']}: {labels or '(no labels)'}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+    if failed:
+        print(f"{failed} of {len(results)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def build_parser():
+    """The argument parser of `hybridnet-tf`."""
+    parser = argparse.ArgumentParser(prog="hybridnet-tf", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo-data", help="write the synthetic COCO-format demo data set")
+    demo.add_argument("--out", required=True, help="output folder")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--train", type=int, default=2000, help="number of train images")
+    demo.add_argument("--val", type=int, default=500, help="number of val images")
+    demo.add_argument("--size", type=int, default=96, help="image size in pixels")
+    demo.set_defaults(func=_cmd_demo_data)
+
+    train = commands.add_parser("train", help="train a HybridNet with model.fit")
+    train.add_argument("--config", help="YAML experiment file (e.g. configs/demo.yaml)")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=3 (repeatable)",
+    )
+    train.add_argument("--run-dir", help="output folder (default runs/<config name>)")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="mAP, CP/CR/CF1, OP/OR/OF1 of a trained run")
+    evaluate.add_argument("--run-dir", required=True)
+    evaluate.add_argument("--data", help="a config file whose data section to evaluate on")
+    evaluate.add_argument("--split", choices=("train", "val"), help="default: the config's eval.split")
+    evaluate.add_argument("--threshold", type=float, help="score threshold (default: the config's)")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="labels and scores for image files or folders")
+    predict.add_argument("--run-dir", required=True)
+    predict.add_argument("images", nargs="+", help="image files or folders")
+    predict.add_argument(
+        "--threshold", type=float,
+        help="report labels scoring at least this (default: the decoded label set)",
+    )
+    predict.add_argument("--json", help="also write the results to this JSON file")
+    predict.set_defaults(func=_cmd_predict)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of the `hybridnet-tf` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        # Config and data errors are the user's to fix: say what, not a traceback.
+        if os.environ.get("HYBRIDNET_DEBUG"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

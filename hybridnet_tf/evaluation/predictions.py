@@ -1,0 +1,54 @@
+"""Running a HybridNet over a dataset and collecting what evaluation needs."""
+
+import numpy as np
+import tensorflow as tf
+
+
+def decoded_to_multi_hot(label_ids, num_labels):
+    """Turns decoded label ids [N, T] (-1 = none) into a 0/1 array [N, L]."""
+    label_ids = np.asarray(label_ids)
+    multi_hot = np.zeros((label_ids.shape[0], num_labels), dtype=np.float32)
+    rows, cols = np.nonzero(label_ids >= 0)
+    multi_hot[rows, label_ids[rows, cols]] = 1.0
+    return multi_hot
+
+
+def collect_predictions(model, dataset, max_batches=None, progress=False):
+    """Runs `model` over a dataset of `(images, multi_hot)` batches.
+
+    Args:
+        model: an inference model from `build_model` (or loaded from `.keras`).
+        dataset: batches of `(images, multi_hot)`.
+        max_batches: stop after this many batches (None: all).
+        progress: show a Keras progress bar.
+
+    Returns:
+        `(y_true [N, L], scores [N, L], decoded [N, L])`, numpy float32;
+        `decoded` is the 0/1 decoded label set of each image.
+    """
+    predict = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    if max_batches is not None:
+        dataset = dataset.take(max_batches)
+    total = max_batches
+    cardinality = int(dataset.cardinality())
+    if cardinality >= 0:
+        total = cardinality if total is None else min(total, cardinality)
+    bar = None
+    if progress:
+        import keras
+
+        bar = keras.utils.Progbar(total, unit_name="batch")
+    y_true, scores, label_ids = [], [], []
+    for images, labels in dataset:
+        outputs = predict(images)
+        y_true.append(labels.numpy())
+        scores.append(outputs["scores"].numpy())
+        label_ids.append(outputs["label_ids"].numpy())
+        if bar is not None:
+            bar.add(1)
+    if not y_true:
+        raise ValueError("the evaluation data set is empty: no image could be read")
+    y_true = np.concatenate(y_true).astype(np.float32)
+    scores = np.concatenate(scores).astype(np.float32)
+    decoded = decoded_to_multi_hot(np.concatenate(label_ids), y_true.shape[1])
+    return y_true, scores, decoded

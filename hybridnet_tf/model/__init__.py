@@ -1,0 +1,1 @@
+"""Where the model is built: backbones, the label decoder, HybridNet."""

@@ -1,0 +1,196 @@
+"""The CNN-RNN label decoder: a GRU over label embeddings (Wang et al., CVPR 2016)."""
+
+import keras
+import tensorflow as tf
+
+from hybridnet_tf.model.label_sequences import end_id, start_id
+
+# A large negative logit that removes a label from the softmax; finite so
+# that float16 / int8 exports do not produce NaN from inf - inf.
+_MASKED_LOGIT = -1e4
+
+
+@keras.saving.register_keras_serializable(package="hybridnet_tf")
+class LabelDecoder(keras.layers.Layer):
+    """Reads an image's labels out as a sequence.
+
+    The image feature initialises the GRU state and is fed to every step
+    beside the embedding of the previous label. Each GRU output, joined with
+    the image feature, is projected into the label embedding space and scored
+    against the embeddings of all labels and END (the joint image-label
+    embedding of the CNN-RNN paper; input and output embeddings are tied).
+
+    Called with `[image_features, decoder_inputs]` it runs teacher forcing
+    and returns logits `[B, T, L + 1]`. Called with `image_features` alone it
+    decodes greedily inside the graph: the loop over `max_length` steps is
+    unrolled when traced, with a `GRUCell` and no TensorArray, so it exports
+    to SavedModel and to builtins-only TFLite. It then returns a dict:
+    `scores` [B, L] (each label's highest probability over the decoding
+    steps up to and including the END step), `label_ids` [B, max_length]
+    (decoded labels in order, -1 after END) and `num_labels` [B].
+
+    Args:
+        num_labels: size of the label vocabulary `L`.
+        max_length: decoding steps, END included.
+        embedding_dim: size of the label embeddings and the joint space.
+        units: GRU units.
+        dropout: dropout on the GRU output in training.
+        use_cudnn: passed to `keras.layers.GRU`; False by default because a
+            cuDNN GRU turns XLA off for the whole model and puts a
+            `CudnnRNNV3` op into GPU exports (see TF-TRAPS.md).
+
+    Example:
+        >>> decoder = LabelDecoder(num_labels=5, max_length=4)
+        >>> out = decoder(keras.ops.ones((2, 16)))
+        >>> out["scores"].shape
+        TensorShape([2, 5])
+    """
+
+    def __init__(
+        self,
+        num_labels,
+        max_length,
+        embedding_dim=64,
+        units=256,
+        dropout=0.0,
+        use_cudnn=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (a label and END), got {max_length}")
+        self.num_labels = num_labels
+        self.max_length = max_length
+        self.embedding_dim = embedding_dim
+        self.units = units
+        self.dropout = dropout
+        self.use_cudnn = use_cudnn
+        # L labels + END + START; START is never scored.
+        self.label_embedding = keras.layers.Embedding(
+            num_labels + 2, embedding_dim, name="label_embedding", dtype=self.dtype_policy
+        )
+        self.initial_state = keras.layers.Dense(
+            units, activation="tanh", name="initial_state", dtype=self.dtype_policy
+        )
+        self.image_to_step = keras.layers.Dense(
+            embedding_dim, name="image_to_step", dtype=self.dtype_policy
+        )
+        self.gru = keras.layers.GRU(
+            units,
+            return_sequences=True,
+            use_cudnn=use_cudnn,
+            name="gru",
+            dtype=self.dtype_policy,
+        )
+        self.output_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+        self.to_joint_space = keras.layers.Dense(
+            embedding_dim, activation="relu", name="to_joint_space", dtype=self.dtype_policy
+        )
+
+    def build(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple)):
+            feature_shape = input_shape[0]
+        else:
+            feature_shape = input_shape
+        feature_dim = feature_shape[-1]
+        self.label_embedding.build((None,))
+        self.initial_state.build((None, feature_dim))
+        self.image_to_step.build((None, feature_dim))
+        self.gru.build((None, None, 2 * self.embedding_dim))
+        self.to_joint_space.build((None, self.units + self.embedding_dim))
+        self.output_bias = self.add_weight(
+            shape=(self.num_labels + 1,), initializer="zeros", name="output_bias"
+        )
+
+    def _scores_logits(self, gru_output, image_step):
+        joint = self.to_joint_space(tf.concat([gru_output, image_step], axis=-1))
+        candidates = self.label_embedding.embeddings[: self.num_labels + 1]
+        return tf.matmul(joint, tf.cast(candidates, joint.dtype), transpose_b=True) + tf.cast(
+            self.output_bias, joint.dtype
+        )
+
+    def call(self, inputs, training=None):
+        if isinstance(inputs, (list, tuple)):
+            image_features, decoder_inputs = inputs
+            return self.teacher_forcing_logits(image_features, decoder_inputs, training)
+        return self.greedy_decode(inputs)
+
+    def teacher_forcing_logits(self, image_features, decoder_inputs, training=None):
+        """Logits [B, T, L+1] of each next token given the true previous ones."""
+        image_step = self.image_to_step(image_features)
+        steps = tf.shape(decoder_inputs)[1]
+        image_steps = tf.tile(image_step[:, None, :], tf.stack([1, steps, 1]))
+        embedded = self.label_embedding(decoder_inputs)
+        gru_inputs = tf.concat([embedded, image_steps], axis=-1)
+        outputs = self.gru(
+            gru_inputs, initial_state=self.initial_state(image_features), training=training
+        )
+        outputs = self.output_dropout(outputs, training=training)
+        return self._scores_logits(outputs, image_steps)
+
+    def greedy_decode(self, image_features):
+        """Greedy decoding without repeats; see the class docstring for outputs."""
+        num_labels = self.num_labels
+        batch = tf.shape(image_features)[0]
+        image_step = self.image_to_step(image_features)
+        state = self.initial_state(image_features)
+        token = tf.fill([batch], start_id(num_labels))
+        finished = tf.zeros([batch], tf.bool)
+        emitted = tf.zeros([batch, num_labels], image_step.dtype)
+        scores = tf.zeros([batch, num_labels], image_step.dtype)
+        no_end_mask = tf.zeros([batch, 1], image_step.dtype)
+        label_ids = []
+        for _ in range(self.max_length):  # static length: unrolled into the graph
+            step_input = tf.concat([self.label_embedding(token), image_step], axis=-1)
+            output, state = self.gru.cell(step_input, state)
+            logits = self._scores_logits(output, image_step)
+            # A label already emitted cannot be emitted again.
+            repeat_mask = tf.concat([emitted, no_end_mask], axis=-1)
+            logits = logits + _MASKED_LOGIT * repeat_mask
+            probs = tf.nn.softmax(logits, axis=-1)
+            active = 1.0 - tf.cast(finished, probs.dtype)
+            scores = tf.maximum(scores, probs[:, :num_labels] * active[:, None])
+            # tf.math.argmax, not keras.ops.argmax: the latter adds a BitwiseAnd op
+            # that breaks builtins-only TFLite conversion (TF-TRAPS.md).
+            token = tf.cast(tf.math.argmax(logits, axis=-1), tf.int32)
+            is_label = tf.logical_and(tf.logical_not(finished), token < num_labels)
+            emitted += tf.one_hot(token, num_labels, dtype=emitted.dtype) * tf.cast(
+                is_label, emitted.dtype
+            )[:, None]
+            label_ids.append(tf.where(is_label, token, -1))
+            finished = tf.logical_or(finished, token >= end_id(num_labels))
+        return {
+            "scores": tf.cast(scores, tf.float32),
+            "label_ids": tf.stack(label_ids, axis=1),
+            "num_labels": tf.cast(tf.reduce_sum(emitted, axis=-1), tf.int32),
+        }
+
+    def compute_output_spec(self, inputs, training=None):
+        if isinstance(inputs, (list, tuple)):
+            features, decoder_inputs = inputs
+            return keras.KerasTensor(
+                (features.shape[0], decoder_inputs.shape[1], self.num_labels + 1),
+                dtype=self.compute_dtype,
+            )
+        batch = inputs.shape[0]
+        return {
+            "scores": keras.KerasTensor((batch, self.num_labels), dtype="float32"),
+            "label_ids": keras.KerasTensor((batch, self.max_length), dtype="int32"),
+            "num_labels": keras.KerasTensor((batch,), dtype="int32"),
+        }
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_labels": self.num_labels,
+                "max_length": self.max_length,
+                "embedding_dim": self.embedding_dim,
+                "units": self.units,
+                "dropout": self.dropout,
+                "use_cudnn": self.use_cudnn,
+            }
+        )
+        return config

@@ -1,0 +1,85 @@
+"""Predicting labels for image files with a trained HybridNet."""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from hybridnet_tf.data.pipeline import decode_and_resize
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+def expand_image_paths(inputs):
+    """Expands files and folders (their image files, sorted) into a list of paths.
+
+    A named path that does not exist is kept, so that it is reported as a failure.
+    """
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            for root, _, files in sorted(os.walk(item)):
+                paths += [
+                    os.path.join(root, f)
+                    for f in sorted(files)
+                    if f.lower().endswith(IMAGE_EXTENSIONS)
+                ]
+        else:
+            paths.append(item)
+    return paths
+
+
+def predict_files(model, paths, vocabulary, image_size, resize="squash", threshold=None, batch_size=32):
+    """Predicts labels for image files; unreadable files are reported, not fatal.
+
+    Args:
+        model: an inference model from `build_model`.
+        paths: image file paths.
+        vocabulary: the model's `LabelVocabulary`.
+        image_size: the model's input size.
+        resize: the resize policy used in training.
+        threshold: None to report the decoded label set; a float (or a
+            per-label array) to report labels whose score reaches it.
+        batch_size: images per model call.
+
+    Returns:
+        A list with one dict per path: `path`, and either `labels`
+        (list of `{label, score}` sorted by score) or `error`.
+    """
+    results = []
+    images, batch_paths = [], []
+
+    def flush():
+        if not images:
+            return
+        outputs = model(tf.stack(images), training=False)
+        scores = outputs["scores"].numpy()
+        label_ids = outputs["label_ids"].numpy()
+        for path, row_scores, row_ids in zip(batch_paths, scores, label_ids):
+            if threshold is None:
+                chosen = [int(i) for i in row_ids if i >= 0]
+            else:
+                chosen = np.nonzero(row_scores >= threshold)[0].tolist()
+            labels = sorted(
+                ({"label": vocabulary.names[i], "score": float(row_scores[i])} for i in chosen),
+                key=lambda item: -item["score"],
+            )
+            results.append({"path": path, "labels": labels})
+        images.clear()
+        batch_paths.clear()
+
+    for path in paths:
+        try:
+            encoded = tf.io.read_file(path)
+            images.append(decode_and_resize(encoded, image_size, resize))
+            batch_paths.append(path)
+        except (tf.errors.OpError, ValueError) as error:
+            message = getattr(error, "message", str(error)).strip().splitlines()[0]
+            results.append({"path": path, "error": message})
+            continue
+        if len(images) == batch_size:
+            flush()
+    flush()
+    order = {p: i for i, p in enumerate(paths)}
+    results.sort(key=lambda r: order[r["path"]])
+    return results

@@ -1,0 +1,1 @@
+"""Where training happens: the fit loop, its callbacks and schedules."""
