@@ -7,6 +7,7 @@ weights, so training one trains the other.
 
 import keras
 
+from hybridnet_tf.data.pipeline import with_label_sequences
 from hybridnet_tf.model.backbones import BACKBONES, build_backbone
 from hybridnet_tf.model.label_decoder import LabelDecoder
 
@@ -96,6 +97,25 @@ def build_training_model(model):
     return keras.Model({"image": image, "decoder_inputs": decoder_inputs}, logits, name="hybridnet_training")
 
 
-def sequence_loss():
-    """Masked softmax cross-entropy over the label sequence (padding ignored)."""
+def training_loss(model):
+    """The loss of `build_training_model(model)`'s output.
+
+    A masked softmax cross-entropy over the label sequence: padding after
+    END is ignored, and the mean is over the real steps.
+    """
+    del model  # one head for now; the argument keeps the call site head-agnostic
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1)
+
+
+def with_training_targets(dataset, model, label_rank, seed=None):
+    """Maps `(images, multi_hot)` batches to `(inputs, targets)` for `build_training_model(model)`.
+
+    Args:
+        dataset: batches of `(images, multi_hot)`.
+        model: the inference model (its decoder sets the sequence length).
+        label_rank: [L] decoding order of the labels.
+        seed: for orderings that draw random numbers.
+    """
+    del seed  # the fixed orderings draw no random numbers
+    decoder = model.get_layer(LABEL_DECODER)
+    return with_label_sequences(dataset, label_rank, decoder.max_length)

@@ -6,8 +6,7 @@ import os
 
 import keras
 
-from hybridnet_tf.data.pipeline import with_label_sequences
-from hybridnet_tf.model.hybridnet import build_training_model, sequence_loss
+from hybridnet_tf.model.hybridnet import build_training_model, training_loss, with_training_targets
 from hybridnet_tf.training.callbacks import InferenceModelCheckpoint, ValidationMetrics
 
 
@@ -65,7 +64,6 @@ def train(
         The `keras.callbacks.History` of the fit.
     """
     os.makedirs(run_dir, exist_ok=True)
-    decoder = model.get_layer("label_decoder")
     training_model = build_training_model(model)
     total_steps = steps_per_epoch * epochs
     schedule = warmup_cosine_schedule(
@@ -73,16 +71,16 @@ def train(
     )
     training_model.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=weight_decay, clipnorm=5.0),
-        loss=sequence_loss(),
+        loss=training_loss(model),
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
     )
-    train_sequences = with_label_sequences(train_data, label_rank, decoder.max_length)
+    train_sequences = with_training_targets(train_data, model, label_rank)
 
     callbacks = []
     validation = None
     if val_data is not None:
-        validation = with_label_sequences(val_data, label_rank, decoder.max_length)
+        validation = with_training_targets(val_data, model, label_rank)
         callbacks.append(
             ValidationMetrics(model, val_data, threshold=threshold, max_batches=val_max_batches)
         )
