@@ -112,6 +112,12 @@ def _check_value(section, key, value, where):
             raise ConfigError(f"{where}: {name} must be an integer, got {value!r}")
         return value
     if isinstance(default, float):
+        if isinstance(value, str):
+            # PyYAML reads "1e-3" (no dot) as a string: accept it as the number it is.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {name} must be a number, got {value!r}")
         return float(value)

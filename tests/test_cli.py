@@ -1,0 +1,98 @@
+"""The command line end to end on a tiny demo set: train, evaluate, predict, errors."""
+
+import glob
+import json
+import os
+
+import pytest
+
+from hybridnet_tf.cli import main
+
+TINY = [
+    "data.demo_train=96",
+    "data.demo_val=32",
+    "data.demo_image_size=32",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "model.gru_units=32",
+    "model.embedding_dim=16",
+]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    run_dir = str(root / "run")
+    demo_dir = str(root / "demo")
+    code = main(
+        ["train", "--config", "configs/demo.yaml", "--run-dir", run_dir,
+         "--set", f"data.demo_dir={demo_dir}", *sum((["--set", s] for s in TINY), [])]
+    )
+    assert code == 0
+    return run_dir, demo_dir
+
+
+def test_train_writes_run_dir(trained_run):
+    run_dir, _ = trained_run
+    for name in ("config.yaml", "vocabulary.json", "best.keras", "last.keras",
+                 "history.json", "thresholds.json"):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    history = json.load(open(os.path.join(run_dir, "history.json")))
+    assert len(history["loss"]) == 2
+    assert len(history["val_mAP"]) == 2
+    vocabulary = json.load(open(os.path.join(run_dir, "vocabulary.json")))
+    assert len(vocabulary["names"]) == 14
+
+
+def test_tensorboard_holds_val_metrics(trained_run):
+    import tensorflow as tf
+
+    run_dir, _ = trained_run
+    # Keras' TensorBoard callback writes val_* logs to logs/validation without the prefix.
+    events = glob.glob(os.path.join(run_dir, "logs", "validation", "events.out.tfevents.*"))
+    assert events
+    steps = {}
+    for path in events:
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                steps.setdefault(value.tag, set()).add(event.step)
+    for tag in ("epoch_mAP", "epoch_OF1", "epoch_CF1"):
+        assert steps.get(tag) == {0, 1}, (tag, sorted(steps))
+
+
+def test_evaluate_writes_metrics_and_report(trained_run, capsys):
+    run_dir, _ = trained_run
+    assert main(["evaluate", "--run-dir", run_dir]) == 0
+    assert "mAP" in capsys.readouterr().out
+    metrics = json.load(open(os.path.join(run_dir, "eval", "metrics.json")))
+    for key in ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "top3", "per_class",
+                "num_images", "num_classes_counted", "decoded_set", "tuned_thresholds"):
+        assert key in metrics, key
+    assert metrics["num_images"] == 32
+    assert 0.0 <= metrics["mAP"] <= 1.0
+    for name in ("report.md", "per_class_ap.png", "pr_curves.png", "cooccurrence.png"):
+        assert os.path.getsize(os.path.join(run_dir, "eval", name)) > 1000, name
+
+
+def test_predict_reports_bad_files_and_predicts_the_rest(trained_run, tmp_path, capsys):
+    run_dir, demo_dir = trained_run
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    good = os.path.join(demo_dir, "val", "000001.jpg")
+    out_json = tmp_path / "out.json"
+    code = main(["predict", "--run-dir", run_dir, good, str(bad), "--json", str(out_json)])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert good in captured.out
+    assert "broken.jpg: ERROR" in captured.err
+    results = json.load(open(out_json))
+    assert [("error" in r) for r in results] == [False, True]
+
+
+def test_config_error_exits_2_naming_the_key(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("train:\n  epoks: 3\n")
+    assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "train.epoks" in err and str(config) in err
+    assert not os.path.exists(tmp_path / "r" / "best.keras")
