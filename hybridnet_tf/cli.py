@@ -49,6 +49,9 @@ def _format_metrics(metrics):
         extra += "\ndecoded label sets: " + "  ".join(
             f"{k} {100 * decoded[k]:.2f}" for k in keys[1:]
         )
+    if "tuned_thresholds" in metrics:
+        tuned = metrics["tuned_thresholds"]
+        extra += "\nwith tuned thresholds: " + "  ".join(f"{k} {100 * tuned[k]:.2f}" for k in keys[1:])
     return line + extra
 
 

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 VOCABULARY_FILE = "vocabulary.json"
+THRESHOLDS_FILE = "thresholds.json"
 BEST_MODEL = "best.keras"
 LAST_MODEL = "last.keras"
 
@@ -255,7 +256,34 @@ def run_train(config, run_dir, verbose="auto"):
         threshold=config["eval"]["threshold"],
         verbose=verbose,
     )
+    if val_data is not None:
+        tune_run_thresholds(run_dir, val_data, vocabulary)
     return history.history
+
+
+def tune_run_thresholds(run_dir, val_data, vocabulary):
+    """Tunes global and per-label thresholds of the run's best model on val data.
+
+    Writes `run_dir/thresholds.json` (used by evaluate, predict and exports)
+    and prints what they gain over 0.5.
+    """
+    from hybridnet_tf.evaluation.predictions import collect_predictions
+    from hybridnet_tf.evaluation.thresholds import save_thresholds, tune_thresholds
+
+    _, _, model = load_run(run_dir)
+    y_true, scores, _ = collect_predictions(model, val_data)
+    tuned = tune_thresholds(y_true, scores)
+    save_thresholds(os.path.join(run_dir, THRESHOLDS_FILE), tuned, vocabulary.names)
+    gain = tuned["gain"]
+    print(
+        "thresholds tuned on val: global {:.2f}; OF1 {:.4f} -> {:.4f} (global) -> {:.4f} "
+        "(per label); CF1 {:.4f} -> {:.4f} -> {:.4f}".format(
+            tuned["global"],
+            gain["at_0.5"]["OF1"], gain["global"]["OF1"], gain["per_class"]["OF1"],
+            gain["at_0.5"]["CF1"], gain["global"]["CF1"], gain["per_class"]["CF1"],
+        )
+    )
+    return tuned
 
 
 def _report_truncation(split, max_length, from_files):
@@ -296,8 +324,24 @@ def load_run(run_dir, checkpoint=BEST_MODEL):
     return config, vocabulary, model
 
 
+def load_run_thresholds(run_dir, vocabulary):
+    """The run's tuned thresholds as a per-label array, or None when not tuned."""
+    from hybridnet_tf.evaluation.thresholds import load_thresholds
+
+    path = os.path.join(run_dir, THRESHOLDS_FILE)
+    if not os.path.isfile(path):
+        return None
+    loaded = load_thresholds(path, names=vocabulary.names)
+    return np.asarray(loaded["per_class"], dtype=np.float32)
+
+
 def run_evaluate(run_dir, data_config=None, split=None, threshold=None, out_dir=None):
-    """Evaluates a run's best model on a split and writes `eval/metrics.json`.
+    """Evaluates a run's best model on a split; writes metrics.json, report.md and plots.
+
+    The headline metrics use the fixed threshold (`eval.threshold`, 0.5 by
+    default) so they compare with published tables; when the run has tuned
+    thresholds, `metrics["tuned_thresholds"]` holds the same six numbers
+    with them.
 
     Args:
         run_dir: a run directory from `run_train`.
@@ -309,8 +353,9 @@ def run_evaluate(run_dir, data_config=None, split=None, threshold=None, out_dir=
     Returns:
         The metrics dict.
     """
-    from hybridnet_tf.evaluation.metrics import evaluate_scores
+    from hybridnet_tf.evaluation.metrics import evaluate_scores, threshold_metrics
     from hybridnet_tf.evaluation.predictions import collect_predictions
+    from hybridnet_tf.evaluation.report import write_report
 
     config, vocabulary, model = load_run(run_dir)
     if data_config is not None:
@@ -329,11 +374,14 @@ def run_evaluate(run_dir, data_config=None, split=None, threshold=None, out_dir=
     dataset = as_dataset(chosen, config, False, batch_size=config["eval"]["batch_size"], from_files=from_files)
     y_true, scores, decoded = collect_predictions(model, dataset, progress=True)
     metrics = evaluate_scores(y_true, scores, threshold=threshold, names=vocabulary.names, decoded=decoded)
+    tuned = load_run_thresholds(run_dir, vocabulary)
+    if tuned is not None:
+        metrics["tuned_thresholds"] = {
+            k: float(v) for k, v in threshold_metrics(y_true, scores, tuned).items()
+        }
     out_dir = out_dir or os.path.join(run_dir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=1)
-    np.savez_compressed(os.path.join(out_dir, "predictions.npz"), y_true=y_true, scores=scores, decoded=decoded)
+    write_report(out_dir, metrics, y_true, scores, vocabulary.names)
+    np.savez(os.path.join(out_dir, "predictions.npz"), y_true=y_true, scores=scores, decoded=decoded)
     return metrics
 
 

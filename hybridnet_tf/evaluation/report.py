@@ -31,14 +31,18 @@ def _markdown_cell(text):
 
 def _summary_markdown(metrics, paths):
     """The text of report.md."""
-    has_decoded = "decoded_set" in metrics
-    header = "| metric | all labels | top-3 |" + (" decoded set |" if has_decoded else "")
-    rule = "|---|---:|---:|" + ("---:|" if has_decoded else "")
-    rows = [f"| mAP | {_percent(metrics['mAP'])} | |" + (" |" if has_decoded else "")]
+    # Optional columns: the decoder's own label sets, and tuned thresholds.
+    extra = [
+        (key, title)
+        for key, title in (("tuned_thresholds", "tuned thresholds"), ("decoded_set", "decoded set"))
+        if key in metrics
+    ]
+    header = "| metric | all labels | top-3 |" + "".join(f" {title} |" for _, title in extra)
+    rule = "|---|---:|---:|" + "---:|" * len(extra)
+    rows = [f"| mAP | {_percent(metrics['mAP'])} | |" + " |" * len(extra)]
     for key in SET_METRIC_KEYS:
         row = f"| {key} | {_percent(metrics[key])} | {_percent(metrics['top3'][key])} |"
-        if has_decoded:
-            row += f" {_percent(metrics['decoded_set'][key])} |"
+        row += "".join(f" {_percent(metrics[column][key])} |" for column, _ in extra)
         rows.append(row)
 
     threshold = metrics.get("threshold")
