@@ -53,7 +53,7 @@ def small_cnn(input_shape, weights=None):
     x = keras.layers.GlobalAveragePooling2D()(x)
     model = keras.Model(inputs, x, name="small_cnn")
     if weights is not None:
-        _load_weights_file(model, weights)
+        load_weights_file(model, weights)
     return model
 
 
@@ -91,17 +91,27 @@ BACKBONES = {
 del apps
 
 
-def _load_weights_file(model, path):
+def load_weights_file(model, path, what="backbone", alternatives=None):
+    """Loads a weights file into `model` with errors that say what to do.
+
+    Args:
+        model: the Keras model to fill.
+        path: the weights file.
+        what: how the error messages name the model (e.g. "EfficientNet-Lite").
+        alternatives: what else the user may pass, for the not-found message.
+    """
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"backbone weights file {path} not found; pass weights=None to train from "
-            "scratch or 'imagenet' to download Keras' ImageNet weights"
+        alternatives = alternatives or (
+            "pass weights=None to train from scratch or 'imagenet' to download "
+            "Keras' ImageNet weights"
         )
+        raise FileNotFoundError(f"{what} weights file {path} not found; {alternatives}")
     try:
         model.load_weights(path)
     except Exception as error:  # Keras raises several types for a mismatch.
         raise ValueError(
-            f"backbone weights file {path} does not fit backbone {model.name!r}: {error}"
+            f"{what} weights file {path} does not fit model {model.name!r} (a file saved "
+            f"from another variant or architecture?): {error}"
         ) from error
 
 
@@ -138,7 +148,7 @@ def build_backbone(name, image_size, weights=None):
             core = spec.constructor(weights=weights, **kwargs)
         else:
             core = spec.constructor(weights=None, **kwargs)
-            _load_weights_file(core, weights)
+            load_weights_file(core, weights)
     else:
         core = spec.constructor(input_shape, weights=weights)
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import keras
 
+from hybridnet_tf.model.backbones import load_weights_file
+
 # The TF Lite training's input normalisation (chosen there for better
 # post-training quantisation); the converted weights expect it.
 INPUT_MEAN = 127.0
@@ -400,21 +402,15 @@ def _flat_layers(model):
 
 
 def _load_weights_file(model, path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"EfficientNet-Lite weights file {path} not found; pass weights=None for "
-            "random init, 'imagenet' for the converted ImageNet weights, or an existing "
-            ".weights.h5 path"
-        )
-    if not path.endswith(".weights.h5"):
+    if os.path.isfile(path) and not path.endswith(".weights.h5"):
         raise ValueError(
             f"EfficientNet-Lite weights file {path} must be a Keras '.weights.h5' file "
             "(saved with model.save_weights)"
         )
-    try:
-        model.load_weights(path)
-    except Exception as error:  # Keras raises several types for a mismatch.
-        raise ValueError(
-            f"weights file {path} does not fit model {model.name!r} (a file saved from "
-            f"another variant or architecture?): {error}"
-        ) from error
+    load_weights_file(
+        model,
+        path,
+        what="EfficientNet-Lite",
+        alternatives="pass weights=None for random init, 'imagenet' for the converted "
+        "ImageNet weights, or an existing .weights.h5 path",
+    )
