@@ -1,4 +1,4 @@
-"""The `hybridnet-tf` command line: demo-data, train, evaluate, predict."""
+"""The `hybridnet-tf` command line: demo-data, train, evaluate, predict, export."""
 
 import argparse
 import json
@@ -32,8 +32,14 @@ def _cmd_train(args):
     run_dir = args.run_dir or os.path.join(
         "runs", os.path.splitext(os.path.basename(args.config or "default"))[0]
     )
+    from hybridnet_tf.training.callbacks import NonFiniteLossError
+
     start = time.perf_counter()
-    history = run_train(config, run_dir)
+    try:
+        history = run_train(config, run_dir)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     summary = {k: round(v[-1], 4) for k, v in history.items()}
     print(f"trained in {time.perf_counter() - start:.0f} s; last epoch: {summary}")
     print(f"run directory: {run_dir}")
@@ -65,22 +71,28 @@ def _cmd_evaluate(args):
 
 
 def _cmd_predict(args):
-    from hybridnet_tf.experiment import image_size_of, load_run
-    from hybridnet_tf.prediction import expand_image_paths, predict_files
+    from hybridnet_tf.export.artifacts import load_predictor
+    from hybridnet_tf.prediction import expand_image_paths, predict_files, write_results_csv
 
-    config, vocabulary, model = load_run(args.run_dir)
+    # A run dir, .keras, SavedModel or .tflite: all predict through one interface.
+    predictor = load_predictor(args.model or args.run_dir, num_threads=args.threads)
     paths = expand_image_paths(args.images)
     if not paths:
         print("no image files found in " + " ".join(args.images), file=sys.stderr)
         return 2
+    threshold = args.threshold
+    if threshold == "tuned":
+        threshold = predictor.thresholds["per_class"]
     results = predict_files(
-        model,
+        predictor,
         paths,
-        vocabulary,
-        image_size_of(config),
-        resize=config["data"]["resize"],
-        threshold=args.threshold,
+        predictor.vocabulary,
+        predictor.image_size,
+        resize=predictor.resize,
+        threshold=threshold,
     )
+    if args.csv:
+        write_results_csv(results, args.csv)
     failed = 0
     for result in results:
         if "error" in result:
@@ -95,6 +107,31 @@ def _cmd_predict(args):
     if failed:
         print(f"{failed} of {len(results)} images could not be read", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _threshold_argument(text):
+    if text == "tuned":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'tuned', got {text!r}") from None
+
+
+def _cmd_export(args):
+    from hybridnet_tf.export import export_run
+
+    start = time.perf_counter()
+    path = export_run(
+        args.run_dir, args.format, out=args.out, quantize=args.quantize,
+        checkpoint=args.checkpoint, overwrite=args.overwrite,
+    )
+    size = sum(
+        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+    ) if os.path.isdir(path) else os.path.getsize(path)
+    print(f"exported {args.format} ({args.quantize}) to {path}: {size / 1e6:.1f} MB "
+          f"in {time.perf_counter() - start:.0f} s")
+    return 0
 
 
 def build_parser():
@@ -127,14 +164,36 @@ def build_parser():
     evaluate.set_defaults(func=_cmd_evaluate)
 
     predict = commands.add_parser("predict", help="labels and scores for image files or folders")
-    predict.add_argument("--run-dir", required=True)
+    model = predict.add_mutually_exclusive_group(required=True)
+    model.add_argument(
+        "--model", help="a run directory, .keras file, exported SavedModel folder or .tflite file"
+    )
+    model.add_argument("--run-dir", help="a run directory (the same as --model RUN_DIR)")
     predict.add_argument("images", nargs="+", help="image files or folders")
     predict.add_argument(
-        "--threshold", type=float,
-        help="report labels scoring at least this (default: the decoded label set)",
+        "--threshold", type=_threshold_argument,
+        help="report labels scoring at least this, or 'tuned' for the per-label thresholds "
+        "beside the model (default: the decoded label set)",
     )
     predict.add_argument("--json", help="also write the results to this JSON file")
+    predict.add_argument("--csv", help="also write the results to this CSV file")
+    predict.add_argument("--threads", type=int, help="TFLite interpreter threads")
     predict.set_defaults(func=_cmd_predict)
+
+    export = commands.add_parser("export", help="export a run as a SavedModel or TFLite file")
+    export.add_argument("--run-dir", required=True)
+    export.add_argument("--format", choices=("saved_model", "tflite"), default="saved_model")
+    export.add_argument(
+        "--quantize", choices=("none", "float16", "dynamic", "int8"), default="none",
+        help="TFLite quantisation (int8 calibrates on 100 training images)",
+    )
+    export.add_argument(
+        "--out", help="output path (default RUN_DIR/export/hybridnet/1 or "
+        "RUN_DIR/export/hybridnet_<quantize>.tflite)",
+    )
+    export.add_argument("--checkpoint", default="best.keras", help="the run's model file")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -144,7 +203,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
         # Config and data errors are the user's to fix: say what, not a traceback.
         if os.environ.get("HYBRIDNET_DEBUG"):
             raise

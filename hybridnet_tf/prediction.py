@@ -53,8 +53,9 @@ def predict_files(model, paths, vocabulary, image_size, resize="squash", thresho
         if not images:
             return
         outputs = model(tf.stack(images), training=False)
-        scores = outputs["scores"].numpy()
-        label_ids = outputs["label_ids"].numpy()
+        # np.asarray: Keras models return tensors, export predictors numpy arrays.
+        scores = np.asarray(outputs["scores"])
+        label_ids = np.asarray(outputs["label_ids"])
         for path, row_scores, row_ids in zip(batch_paths, scores, label_ids):
             if threshold is None:
                 chosen = [int(i) for i in row_ids if i >= 0]
@@ -83,3 +84,21 @@ def predict_files(model, paths, vocabulary, image_size, resize="squash", thresho
     order = {p: i for i, p in enumerate(paths)}
     results.sort(key=lambda r: order[r["path"]])
     return results
+
+
+def write_results_csv(results, path):
+    """Writes `predict_files` results as CSV: path, labels (";"-joined), scores, error."""
+    import csv
+
+    with open(path, "w", encoding="utf-8", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path", "labels", "scores", "error"])
+        for result in results:
+            labels = result.get("labels", [])
+            writer.writerow([
+                result["path"],
+                ";".join(item["label"] for item in labels),
+                ";".join(f"{item['score']:.4f}" for item in labels),
+                result.get("error", ""),
+            ])
+    return path
