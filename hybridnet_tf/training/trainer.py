@@ -1,13 +1,31 @@
-"""Training a HybridNet with `model.fit` on tf.data."""
+"""Training a HybridNet with `model.fit` on tf.data.
 
-import json
+Scale and faults are handled by TensorFlow's and Keras' own engines: XLA
+(`compile(jit_compile=...)`), `keras.mixed_precision`, `tf.distribute`
+(build the model inside `strategy.scope()`; see `distribution`), and
+`keras.callbacks.BackupAndRestore` for resuming a killed run.
+"""
+
+import contextlib
 import math
 import os
 
 import keras
 
 from hybridnet_tf.model.hybridnet import build_training_model, training_loss, with_training_targets
-from hybridnet_tf.training.callbacks import InferenceModelCheckpoint, ValidationMetrics
+from hybridnet_tf.training import distribution
+from hybridnet_tf.training.callbacks import (
+    AtomicBackupAndRestore,
+    InferenceModelCheckpoint,
+    RunHistoryLogger,
+    StopOnNonFiniteLoss,
+    ValidationMetrics,
+    history_of,
+)
+from hybridnet_tf.training.compute import dtype_policy, resolve_jit_compile
+
+EPOCH_LOG = "history.csv"
+HISTORY_FILE = "history.json"
 
 
 def warmup_cosine_schedule(learning_rate, total_steps, warmup_steps):
@@ -37,71 +55,220 @@ def train(
     monitor="val_mAP",
     val_max_batches=None,
     threshold=0.5,
+    batch_size=None,
+    use_ema=False,
+    ema_momentum=0.99,
+    backup_steps=0,
+    extra_callbacks=(),
     verbose="auto",
 ):
     """Fits a HybridNet with teacher forcing and writes checkpoints and logs to `run_dir`.
+
+    Running the same call again after a crash or kill resumes from the last
+    backup in `run_dir/backup` (Keras' `BackupAndRestore`: weights,
+    optimizer state and epoch) and finishes the planned epochs; the epoch
+    log and `history.json` then hold every epoch once. Keras 3 restarts an
+    interrupted epoch from its first batch, with the weights of the last backup.
+
+    Distribution: build `model` inside `strategy.scope()` (and shard the
+    data with `distribution.shard_for_worker`); the training model is
+    built and compiled in the same scope. With several workers only the
+    chief writes `run_dir`.
+
+    Mixed precision: build `model` under the dtype policy
+    (`compute.dtype_policy`); the training model follows it, and under
+    mixed_float16 Keras wraps the optimizer in a `LossScaleOptimizer`.
 
     Args:
         model: the inference model from `build_model`; its weights are trained.
         train_data: batches of `(images, multi_hot)` (see `make_dataset`).
         val_data: batches of `(images, multi_hot)`, or None.
         label_rank: [L] decoding order of the labels (`LabelVocabulary.label_rank`).
-        run_dir: folder for `best.keras`, `last.keras`, `logs/` and `history.json`.
+        run_dir: folder for `best.keras`, `last.keras`, `logs/`, `history.csv`,
+            `history.json` and `backup/`.
         steps_per_epoch: batches in one epoch of `train_data`.
         epochs: passes over the training data.
         learning_rate: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_epochs: linear warmup length before cosine decay.
-        jit_compile: passed to `compile`; "auto" uses XLA where Keras thinks
-            it pays (never on CPU).
+        jit_compile: "auto", True or False (`compute.resolve_jit_compile`):
+            XLA on a single GPU, off on CPU.
         steps_per_execution: batches per `tf.function` call.
         monitor: epoch log key that picks `best.keras` (e.g. "val_mAP", "loss").
         val_max_batches: cap on val batches for the per-epoch metrics.
         threshold: score threshold of the per-epoch CF1 / OF1.
+        batch_size: the global batch size of `train_data`; with XLA the
+            training batches are re-cut to exactly this size, so every step
+            has the same static shape (no recompiling for a last, smaller batch).
+        use_ema: keep an exponential moving average of the weights in the
+            optimizer. Validation metrics and `best.keras` / `last.keras`
+            then use the EMA weights, and `fit` leaves them in `model`.
+        ema_momentum: EMA momentum per step.
+        backup_steps: back up the training state every this many steps;
+            0 backs up at the end of each epoch.
+        extra_callbacks: more Keras callbacks (e.g. a fine-tuning schedule);
+            they run after the validation metrics and before the
+            checkpoints and TensorBoard, so their logs are recorded.
         verbose: Keras `fit` verbosity.
 
     Returns:
-        The `keras.callbacks.History` of the fit.
+        The `keras.callbacks.History` of the fit, whose `history` and
+        `epoch` cover every epoch of the run, earlier interrupted processes
+        included.
     """
-    os.makedirs(run_dir, exist_ok=True)
-    training_model = build_training_model(model)
-    total_steps = steps_per_epoch * epochs
-    schedule = warmup_cosine_schedule(
-        learning_rate, total_steps, int(round(warmup_epochs * steps_per_epoch))
-    )
-    training_model.compile(
-        optimizer=keras.optimizers.AdamW(schedule, weight_decay=weight_decay, clipnorm=5.0),
-        loss=training_loss(model),
-        jit_compile=jit_compile,
+    if backup_steps < 0:
+        raise ValueError(
+            f"train.backup_steps must be >= 0 (0: back up each epoch), got {backup_steps}"
+        )
+    if not 0.0 <= ema_momentum < 1.0:
+        raise ValueError(f"train.ema_momentum must be in [0, 1), got {ema_momentum}")
+    strategy = model.distribute_strategy
+    jit = resolve_jit_compile(jit_compile, strategy)
+    multi_worker = distribution.is_multi_worker(strategy)
+    training_model = compile_training_model(
+        model,
+        total_steps=steps_per_epoch * epochs,
+        warmup_steps=int(round(warmup_epochs * steps_per_epoch)),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        jit_compile=jit,
         steps_per_execution=steps_per_execution,
+        use_ema=use_ema,
+        ema_momentum=ema_momentum,
     )
-    train_sequences = with_training_targets(train_data, model, label_rank)
+    train_sequences = training_batches(
+        train_data, model, label_rank, static_batch_size=batch_size if jit else None
+    )
 
-    callbacks = []
     validation = None
     if val_data is not None:
         validation = with_training_targets(val_data, model, label_rank)
-        callbacks.append(
-            ValidationMetrics(model, val_data, threshold=threshold, max_batches=val_max_batches)
-        )
+        if multi_worker:
+            validation = distribution.shard_evaluation_by_data(validation)
     elif monitor.startswith("val_"):
         monitor = "loss"
-    callbacks += [
-        InferenceModelCheckpoint(model, run_dir, monitor=monitor),
-        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), write_graph=False),
-        keras.callbacks.TerminateOnNaN(),
-    ]
-    history = training_model.fit(
-        train_sequences.repeat(),
-        validation_data=validation,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        callbacks=callbacks,
-        verbose=verbose,
-    )
-    with open(os.path.join(run_dir, "history.json"), "w", encoding="utf-8") as f:
-        json.dump({k: [float(v) for v in vals] for k, vals in history.history.items()}, f, indent=1)
+
+    with distribution.output_dir(run_dir, strategy) as out_dir:
+        epoch_log = os.path.join(out_dir, EPOCH_LOG)
+        # The order matters: the NaN stop comes before any per-step backup;
+        # the metrics before what logs them; the epoch's log row before the
+        # backup that marks the epoch done (else a kill in between loses the row).
+        callbacks = [StopOnNonFiniteLoss()]
+        if use_ema:
+            callbacks.append(keras.callbacks.SwapEMAWeights())  # val_loss of the EMA weights
+        if val_data is not None:
+            callbacks.append(
+                ValidationMetrics(model, val_data, threshold=threshold, max_batches=val_max_batches)
+            )
+        callbacks += list(extra_callbacks)
+        history_logger = RunHistoryLogger(epoch_log, os.path.join(out_dir, HISTORY_FILE))
+        callbacks += [
+            InferenceModelCheckpoint(model, out_dir, monitor=monitor, epoch_log=epoch_log),
+            history_logger,
+            AtomicBackupAndRestore(
+                distribution.backup_dir(run_dir, strategy),
+                save_freq=backup_steps if backup_steps > 0 else "epoch",
+            ),
+            keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"), write_graph=False),
+        ]
+        with strategy.scope():
+            history = training_model.fit(
+                train_sequences,
+                validation_data=validation,
+                epochs=epochs,
+                steps_per_epoch=steps_per_epoch,
+                callbacks=callbacks,
+                verbose=verbose,
+            )
+        rows = history_logger.rows()
+    if multi_worker:
+        with contextlib.suppress(OSError):  # the per-worker backups are gone: drop their folder
+            os.rmdir(os.path.join(run_dir, "backup"))
+    history.history = {
+        key: [float("nan") if value is None else value for value in values]
+        for key, values in history_of(rows).items()
+    }
+    history.epoch = [row["epoch"] for row in rows]
     return history
+
+
+def compile_training_model(
+    model,
+    total_steps,
+    warmup_steps=0,
+    learning_rate=2e-3,
+    weight_decay=1e-4,
+    jit_compile=False,
+    steps_per_execution=1,
+    use_ema=False,
+    ema_momentum=0.99,
+):
+    """Builds and compiles the teacher-forcing model that `train` fits.
+
+    Uses the strategy `model` was built under and its dtype policy, so under
+    mixed_float16 Keras wraps the AdamW optimizer in a `LossScaleOptimizer`.
+
+    Args:
+        model: the inference model from `build_model`.
+        total_steps: training steps in all (the length of the cosine decay).
+        warmup_steps: steps of linear warmup.
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        jit_compile: a bool (see `compute.resolve_jit_compile`).
+        steps_per_execution: batches per `tf.function` call.
+        use_ema: keep an EMA of the weights in the optimizer.
+        ema_momentum: EMA momentum per step.
+
+    Returns:
+        The compiled training model, its optimizer built.
+    """
+    strategy = model.distribute_strategy
+    with dtype_policy(model.dtype_policy.name):
+        if distribution.is_multi_worker(strategy):
+            # Made outside the scope on purpose: see MultiWorkerModel.
+            training_model = distribution.MultiWorkerModel(build_training_model(model))
+            training_model(training_model.wrapped.input)  # builds it
+        else:
+            with strategy.scope():
+                training_model = build_training_model(model)
+    with strategy.scope(), dtype_policy(model.dtype_policy.name):
+        optimizer = keras.optimizers.AdamW(
+            warmup_cosine_schedule(learning_rate, total_steps, warmup_steps),
+            weight_decay=weight_decay,
+            clipnorm=5.0,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+        )
+        training_model.compile(
+            optimizer=optimizer,
+            loss=training_loss(model),
+            jit_compile=jit_compile,
+            steps_per_execution=steps_per_execution,
+        )
+        # Optimizer variables are made here, under the strategy, not inside the first step.
+        training_model.optimizer.build(training_model.trainable_variables)
+    return training_model
+
+
+def training_batches(train_data, model, label_rank, static_batch_size=None):
+    """The endless teacher-forcing batches `fit` reads.
+
+    Args:
+        train_data: batches of `(images, multi_hot)`.
+        model: the inference model (see `with_training_targets`).
+        label_rank: [L] decoding order of the labels.
+        static_batch_size: if given, the repeated stream is re-cut into
+            batches of exactly this size, so XLA sees one static shape and
+            no example is dropped (a pass's last, smaller batch is topped up
+            from the next pass).
+
+    Returns:
+        A dataset of `({"image", "decoder_inputs"}, targets)` batches.
+    """
+    batches = with_training_targets(train_data, model, label_rank).repeat()
+    if static_batch_size:
+        batches = batches.rebatch(static_batch_size, drop_remainder=True)
+    return batches
 
 
 def steps_for(num_examples, batch_size):
