@@ -187,16 +187,18 @@ def output_dir(run_dir, strategy):
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def backup_dir(run_dir, strategy):
+def backup_dir(run_dir, strategy, name="backup"):
     """Where `BackupAndRestore` keeps this process's training state.
 
-    `run_dir/backup`; with several workers `run_dir/backup/worker-<index>`,
+    `run_dir/<name>` (`backup` by default; a training phase with its own
+    optimizer, e.g. fine-tuning, uses another name); with several workers
+    `run_dir/<name>/worker-<index>`,
     one each, because Keras 3's `BackupAndRestore` has every worker save and
     restore its own copy (identical, as the weights are kept in sync). It
     stays after a crash or kill and is deleted when training finishes.
     """
     index, count = worker_index(strategy)
-    path = os.path.join(run_dir, "backup")
+    path = os.path.join(run_dir, name)
     return os.path.join(path, f"worker-{index}") if count > 1 else path
 
 

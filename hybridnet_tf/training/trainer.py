@@ -60,6 +60,8 @@ def train(
     ema_momentum=0.99,
     backup_steps=0,
     extra_callbacks=(),
+    initial_epoch=0,
+    backup_name="backup",
     verbose="auto",
 ):
     """Fits a HybridNet with teacher forcing and writes checkpoints and logs to `run_dir`.
@@ -109,6 +111,10 @@ def train(
         extra_callbacks: more Keras callbacks (e.g. a fine-tuning schedule);
             they run after the validation metrics and before the
             checkpoints and TensorBoard, so their logs are recorded.
+        initial_epoch: the epoch to start at (a later training phase);
+            `epochs` is then the index of the last epoch + 1, as in `fit`.
+        backup_name: folder in `run_dir` for the backups of this call; a
+            phase with another optimizer needs its own.
         verbose: Keras `fit` verbosity.
 
     Returns:
@@ -127,7 +133,7 @@ def train(
     multi_worker = distribution.is_multi_worker(strategy)
     training_model = compile_training_model(
         model,
-        total_steps=steps_per_epoch * epochs,
+        total_steps=steps_per_epoch * (epochs - initial_epoch),
         warmup_steps=int(round(warmup_epochs * steps_per_epoch)),
         learning_rate=learning_rate,
         weight_decay=weight_decay,
@@ -166,7 +172,7 @@ def train(
             InferenceModelCheckpoint(model, out_dir, monitor=monitor, epoch_log=epoch_log),
             history_logger,
             AtomicBackupAndRestore(
-                distribution.backup_dir(run_dir, strategy),
+                distribution.backup_dir(run_dir, strategy, backup_name),
                 save_freq=backup_steps if backup_steps > 0 else "epoch",
             ),
             keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"), write_graph=False),
@@ -176,6 +182,7 @@ def train(
                 train_sequences,
                 validation_data=validation,
                 epochs=epochs,
+                initial_epoch=initial_epoch,
                 steps_per_epoch=steps_per_epoch,
                 callbacks=callbacks,
                 verbose=verbose,
@@ -183,7 +190,7 @@ def train(
         rows = history_logger.rows()
     if multi_worker:
         with contextlib.suppress(OSError):  # the per-worker backups are gone: drop their folder
-            os.rmdir(os.path.join(run_dir, "backup"))
+            os.rmdir(os.path.join(run_dir, backup_name))
     history.history = {
         key: [float("nan") if value is None else value for value in values]
         for key, values in history_of(rows).items()
