@@ -1,45 +1,268 @@
 """The tf.data pipeline: (encoded image or path, multi-hot) -> batched model inputs.
 
 Reading, decoding and resizing run in parallel (`AUTOTUNE`); training adds
-shuffling, augmentation and the decoder's label sequences. Files that
-cannot be decoded are dropped by `ignore_errors` instead of ending the
-epoch; the file-level check in `image_check` finds and reports the usual
-culprits before training starts.
+shuffling, augmentation and the decoder's label sequences.
+
+Broken files never end an epoch. `image_check` finds the usual culprits
+before training starts; whatever still reaches the pipeline is checked again
+in the graph (the same rules: empty, no JPEG/PNG/GIF/BMP signature, a JPEG
+without its FFD9 end marker, a PNG without IEND), skipped and counted by a
+`SkippedImages`, which logs one warning per pass over the data with the
+count and a few file names. Damage in the middle of a file only shows when
+decoding fails; such elements are dropped by `ignore_errors`, the last safety
+net, which logs them but cannot count them.
 """
+
+import logging
+import threading
 
 import tensorflow as tf
 
 from hybridnet_tf.model.label_sequences import decoder_inputs_from_targets, make_label_sequence
 
+logger = logging.getLogger(__name__)
+
 AUTOTUNE = tf.data.AUTOTUNE
-RESIZE_POLICIES = ("squash", "center_crop")
+# "random_resized_crop" is a training policy; evaluation and export use its
+# counterpart "squash" (the whole image, as the crops are squashed too).
+RESIZE_POLICIES = ("squash", "center_crop", "random_resized_crop")
+# Milder than Inception's (0.08, 1): a crop that loses most of the image also
+# loses objects whose labels it keeps.
+CROP_AREA_RANGE = (0.5, 1.0)
+CROP_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+
+# Why an encoded image is skipped, indexed by `image_problem`'s code.
+IMAGE_PROBLEMS = (
+    "",
+    "empty file (0 bytes)",
+    "truncated JPEG: no end-of-image marker (FFD9) in its last 16 bytes",
+    "truncated PNG: no IEND chunk in its last 16 bytes",
+    "not a JPEG, PNG, GIF or BMP image",
+)
+# The same signatures and tail length as `image_check`.
+_HEAD_BYTES = 8
+_TAIL_BYTES = 16
 
 
-def decode_and_resize(encoded, image_size, resize="squash"):
-    """Decodes JPEG/PNG/GIF/BMP bytes to a float32 [size, size, 3] image of 0..255 pixels.
+def eval_resize_policy(resize):
+    """The policy to use outside training for a configured `resize` policy."""
+    if resize not in RESIZE_POLICIES:
+        raise ValueError(f"unknown resize policy {resize!r}; choose one of {list(RESIZE_POLICIES)}")
+    return "squash" if resize == "random_resized_crop" else resize
 
-    Grayscale and CMYK images come out as 3 channels.
+
+def _contains(data, pattern):
+    """Whether the uint8 vector `data` holds the byte string `pattern`."""
+    span = int(data.shape[0]) - len(pattern) + 1
+    found = tf.ones([span], tf.bool)
+    for offset, byte in enumerate(pattern):
+        found &= tf.equal(data[offset : offset + span], byte)
+    return tf.reduce_any(found)
+
+
+def _starts_with(head, pattern):
+    return tf.reduce_all(tf.equal(head[: len(pattern)], list(pattern)))
+
+
+def image_problem(encoded):
+    """Checks encoded bytes in the graph without decoding them.
+
+    Reads only the first 8 and the last 16 bytes, with the rules of
+    `image_check.find_unreadable_images`.
 
     Args:
-        encoded: a scalar string tensor of encoded image bytes.
-        image_size: output height and width.
-        resize: "squash" (resize to a square ignoring aspect, as ASL does) or
-            "center_crop" (resize the shorter side, then crop the centre).
+        encoded: a scalar string tensor.
+
+    Returns:
+        A scalar int32: 0 when the bytes look like a whole image, else an
+        index into `IMAGE_PROBLEMS`.
     """
+    length = tf.strings.length(encoded)
+    # Zero padding gives fixed-size head and tail vectors even for tiny files.
+    head = tf.strings.substr(tf.strings.join([encoded, b"\0" * _HEAD_BYTES]), 0, _HEAD_BYTES)
+    padded = tf.strings.join([b"\0" * _TAIL_BYTES, encoded])
+    tail = tf.strings.substr(padded, length, _TAIL_BYTES)
+    head = tf.reshape(tf.io.decode_raw(head, tf.uint8), [_HEAD_BYTES])
+    tail = tf.reshape(tf.io.decode_raw(tail, tf.uint8), [_TAIL_BYTES])
+
+    is_jpeg = _starts_with(head, b"\xff\xd8\xff")
+    is_png = _starts_with(head, b"\x89PNG\r\n\x1a\n")
+    is_other = _starts_with(head, b"GIF87a") | _starts_with(head, b"GIF89a") | _starts_with(head, b"BM")
+    code = tf.where(is_other, 0, 4)
+    code = tf.where(is_png, tf.where(_contains(tail, b"IEND"), 0, 3), code)
+    code = tf.where(is_jpeg, tf.where(_contains(tail, b"\xff\xd9"), 0, 2), code)
+    return tf.where(length == 0, 1, code)
+
+
+def decode_rgb(encoded):
+    """Decodes JPEG/PNG/GIF/BMP bytes to uint8 [H, W, 3]; grayscale and CMYK come out as RGB."""
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
+    return image
+
+
+def resize_image(image, image_size, resize="squash"):
+    """Resizes a [H, W, 3] image to float32 [size, size, 3] in 0..255.
+
+    Args:
+        image: uint8 or float 0..255 pixels.
+        image_size: output height and width.
+        resize: "squash" (resize to a square ignoring aspect, as ASL does),
+            "center_crop" (resize the shorter side, then crop the centre) or
+            "random_resized_crop" (here: its evaluation counterpart, squash).
+    """
+    resize = eval_resize_policy(resize)
     image = tf.cast(image, tf.float32)
     if resize == "squash":
         image = tf.image.resize(image, [image_size, image_size], antialias=True)
-    elif resize == "center_crop":
+    else:
         shape = tf.cast(tf.shape(image)[:2], tf.float32)
         scale = image_size / tf.reduce_min(shape)
         new_shape = tf.cast(tf.math.ceil(shape * scale), tf.int32)
         image = tf.image.resize(image, new_shape, antialias=True)
         image = tf.image.resize_with_crop_or_pad(image, image_size, image_size)
-    else:
-        raise ValueError(f"unknown resize policy {resize!r}; choose one of {list(RESIZE_POLICIES)}")
     return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def decode_and_resize(encoded, image_size, resize="squash"):
+    """Decodes JPEG/PNG/GIF/BMP bytes to a float32 [size, size, 3] image of 0..255 pixels.
+
+    Grayscale and CMYK images come out as 3 channels. This is the evaluation,
+    prediction and export path: it draws no random numbers.
+
+    Args:
+        encoded: a scalar string tensor of encoded image bytes.
+        image_size: output height and width.
+        resize: see `resize_image`.
+    """
+    return resize_image(decode_rgb(encoded), image_size, resize)
+
+
+def decode_random_resized_crop(
+    encoded,
+    image_size,
+    seed,
+    area_range=CROP_AREA_RANGE,
+    aspect_ratio_range=CROP_ASPECT_RATIO_RANGE,
+):
+    """Decodes a random crop of an image and squashes it to [size, size, 3] float32 0..255.
+
+    The crop covers `area_range` of the image with an aspect ratio in
+    `aspect_ratio_range` (the whole image when no such crop is found).
+    JPEGs decode only the crop window.
+
+    Args:
+        encoded: a scalar string tensor of encoded image bytes.
+        image_size: output height and width.
+        seed: shape [2] int tensor; the same seed gives the same crop.
+        area_range: (min, max) fraction of the image area kept.
+        aspect_ratio_range: (min, max) width / height of the crop.
+    """
+
+    def window_of(shape):
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            shape,
+            bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+            seed=seed,
+            min_object_covered=0.0,
+            aspect_ratio_range=aspect_ratio_range,
+            area_range=area_range,
+            max_attempts=10,
+        )
+        return begin, size
+
+    def crop_jpeg():
+        begin, size = window_of(tf.image.extract_jpeg_shape(encoded))
+        window = tf.stack([begin[0], begin[1], size[0], size[1]])
+        image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+        image.set_shape([None, None, 3])
+        return image
+
+    def crop_other():
+        image = decode_rgb(encoded)
+        begin, size = window_of(tf.shape(image))
+        return tf.slice(image, begin, size)
+
+    is_jpeg = tf.strings.substr(encoded, 0, 3) == b"\xff\xd8\xff"
+    image = tf.cond(is_jpeg, crop_jpeg, crop_other)
+    image.set_shape([None, None, 3])
+    return resize_image(image, image_size, "squash")
+
+
+class SkippedImages:
+    """Counts the images a pipeline skipped, with a warning after every pass over the data.
+
+    `make_dataset` makes one when none is passed; pass your own to read the
+    counts.
+
+    Args:
+        name: what the warning calls the data, e.g. "train".
+        max_named: how many file names a warning shows.
+
+    Example:
+        >>> skipped = SkippedImages("train")
+        >>> for batch in make_dataset(source, 64, 32, skipped=skipped): ...
+        >>> skipped.total, skipped.last_pass
+        (1, [('/data/cut.jpg', 'truncated JPEG: ...')])
+    """
+
+    def __init__(self, name="data", max_named=5):
+        self.name = name
+        self.max_named = max_named
+        self.total = 0
+        self.passes = 0
+        self.last_pass = []
+        self._current = []
+        self._lock = threading.Lock()
+
+    def record(self, name, problem):
+        """Notes one skipped image (called from the graph through `tf.py_function`)."""
+        name = name.numpy().decode("utf-8", "replace") if hasattr(name, "numpy") else str(name)
+        problem = int(problem)
+        with self._lock:
+            self._current.append((name, IMAGE_PROBLEMS[problem]))
+        return False
+
+    def end_pass(self):
+        """Closes a pass over the data; warns when it skipped images."""
+        with self._lock:
+            skipped, self._current = self._current, []
+            self.last_pass = skipped
+            self.total += len(skipped)
+            self.passes += 1
+        if skipped:
+            examples = "; ".join(f"{name} ({why})" for name, why in skipped[: self.max_named])
+            logger.warning(
+                "%s: skipped %d undecodable image(s) in pass %d over the data, e.g. %s",
+                self.name, len(skipped), self.passes, examples,
+            )
+        return False
+
+
+def _load_checked(encoded, name, skipped, decode, image_size):
+    """`decode(encoded)` when the bytes look whole, else zeros and a record in `skipped`."""
+    problem = image_problem(encoded)
+
+    def good():
+        return decode(encoded), tf.constant(True)
+
+    def bad():
+        keep = tf.py_function(skipped.record, [name, problem], tf.bool)
+        keep.set_shape([])
+        return tf.zeros([image_size, image_size, 3]), keep
+
+    return tf.cond(tf.equal(problem, 0), good, bad)
+
+
+def _end_of_pass(skipped, element_spec):
+    """An empty dataset that tells `skipped` a pass is over when iteration reaches it."""
+
+    def placeholder(spec):
+        return tf.zeros([d if d is not None else 0 for d in spec.shape], spec.dtype)
+
+    hook = tf.data.Dataset.from_tensors(0).map(lambda _: tf.py_function(skipped.end_pass, [], tf.bool))
+    hook = hook.filter(lambda keep: keep)
+    return hook.map(lambda _: tf.nest.map_structure(placeholder, element_spec))
 
 
 def make_dataset(
@@ -54,6 +277,7 @@ def make_dataset(
     cache=False,
     seed=None,
     deterministic=None,
+    skipped=None,
 ):
     """Builds a batched `tf.data.Dataset` of `(image, multi_hot)`.
 
@@ -62,41 +286,93 @@ def make_dataset(
             `(encoded_bytes, multi_hot)` (`from_files=False`, e.g. TFDS).
         image_size: output height and width in pixels.
         batch_size: examples per batch.
-        training: shuffle, augment and repeat-friendly ordering when True.
-        resize: see `decode_and_resize`.
+        training: shuffle, augment and draw random crops when True.
+        resize: "squash", "center_crop" or "random_resized_crop" (random
+            crops in training, squash otherwise); see `resize_image`.
         augment: optional function `(images, multi_hot) -> (images, multi_hot)`
-            applied per batch in training (e.g. Keras augmentation layers).
+            applied per batch in training (e.g. `augment.build_augmentation`).
         shuffle_buffer: shuffle buffer size in training.
-        cache: cache decoded images in memory (True) or in a file (a path).
-        seed: shuffle seed.
-        deterministic: keep element order with parallel maps (None: tf.data's default).
+        cache: cache in memory (True) or in a file (a path). Decoded images
+            are cached, except with random crops, which must be redrawn each
+            epoch: then the encoded bytes are.
+        seed: seed of the shuffle and of the random crops.
+        deterministic: True gives the same batches for the same seeds on
+            every fresh dataset (ordered parallel maps, augmentation run batch
+            after batch; needs a seed in training); False lets parallel maps
+            return elements out of order; None keeps tf.data's default.
+        skipped: a `SkippedImages` that counts undecodable images; by default
+            a new one that only logs.
 
     Returns:
         A dataset of `(images [B, S, S, 3] float32 0..255, multi_hot [B, L] float32)`.
     """
+    if resize not in RESIZE_POLICIES:
+        raise ValueError(f"unknown resize policy {resize!r}; choose one of {list(RESIZE_POLICIES)}")
+    random_crop = training and resize == "random_resized_crop"
+    if deterministic and training and seed is None:
+        raise ValueError("deterministic=True in training needs a seed, e.g. seed=0")
+    if skipped is None:
+        skipped = SkippedImages("train" if training else "eval")
     options = tf.data.Options()
     if deterministic is not None:
         options.deterministic = deterministic
     dataset = source.with_options(options)
-    # Without a cache, shuffle the cheap (path, labels) pairs before decoding;
-    # with one, shuffle after it, or every epoch would replay the first order.
-    if training and not cache:
+
+    def read(item):
+        return tf.io.read_file(item) if from_files else item
+
+    def name_of(item):
+        return item if from_files else tf.constant("<in-memory image>")
+
+    if random_crop:
+        # Cache the encoded bytes and draw fresh crops after the cache; each
+        # element gets its own seed from a stream that changes every epoch.
+        if cache:
+            dataset = dataset.map(
+                lambda item, labels: (read(item), labels, name_of(item)), num_parallel_calls=AUTOTUNE
+            )
+            dataset = dataset.cache("" if cache is True else str(cache))
+        else:
+            dataset = dataset.map(lambda item, labels: (item, labels, name_of(item)))
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        dataset = tf.data.Dataset.zip((dataset, seeds))
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
 
-    def load(item, labels):
-        encoded = tf.io.read_file(item) if from_files else item
-        return decode_and_resize(encoded, image_size, resize), labels
+        def load(element, element_seed):
+            item, labels, name = element
+            encoded = item if cache else read(item)
+            crop_seed = tf.stack([element_seed, tf.constant(0, tf.int64)])
+            decode = lambda e: decode_random_resized_crop(e, image_size, crop_seed)  # noqa: E731
+            image, keep = _load_checked(encoded, name, skipped, decode, image_size)
+            return image, labels, keep
+
+    else:
+        policy = eval_resize_policy(resize)
+        # Without a cache, shuffle the cheap (path, labels) pairs before decoding;
+        # with one, shuffle after it, or every epoch would replay the first order.
+        if training and not cache:
+            dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+
+        def load(item, labels):
+            decode = lambda e: decode_and_resize(e, image_size, policy)  # noqa: E731
+            image, keep = _load_checked(read(item), name_of(item), skipped, decode, image_size)
+            return image, labels, keep
 
     dataset = dataset.map(load, num_parallel_calls=AUTOTUNE)
-    # A file that slipped past image_check must not end an epoch.
+    # Damage in the middle of a file that passed the checks must not end an epoch.
     dataset = dataset.ignore_errors(log_warning=True)
-    if cache:
+    dataset = dataset.filter(lambda image, labels, keep: keep)
+    dataset = dataset.map(lambda image, labels, keep: (image, labels))
+    dataset = dataset.concatenate(_end_of_pass(skipped, dataset.element_spec))
+    if cache and not random_crop:
         dataset = dataset.cache("" if cache is True else str(cache))
         if training:
             dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size, drop_remainder=False, num_parallel_calls=AUTOTUNE)
     if training and augment is not None:
-        dataset = dataset.map(augment, num_parallel_calls=AUTOTUNE)
+        # Keras' random layers advance a seed state per call: in deterministic
+        # mode the batches must reach them in order.
+        dataset = dataset.map(augment, num_parallel_calls=None if deterministic else AUTOTUNE)
     return dataset.prefetch(AUTOTUNE)
 
 
