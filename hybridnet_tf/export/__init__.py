@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from hybridnet_tf.data.pipeline import eval_resize_policy
+
 FORMATS = ("saved_model", "tflite")
 
 
@@ -79,7 +81,7 @@ def export_run(
         raise ValueError("--quantize applies to --format tflite only")
     config, vocabulary, model = load_run(run_dir, checkpoint=checkpoint)
     thresholds = run_thresholds(run_dir, config, vocabulary)
-    resize = config["data"]["resize"]
+    resize = eval_resize_policy(config["data"]["resize"])
     out = out or default_export_path(run_dir, format, quantize)
     if format == "saved_model":
         from hybridnet_tf.export.saved_model import export_saved_model

@@ -15,6 +15,7 @@ import tempfile
 
 import numpy as np
 
+from hybridnet_tf.data.pipeline import eval_resize_policy
 from hybridnet_tf.vocabulary import LabelVocabulary
 
 LABELS_FILE = "labels.json"
@@ -329,7 +330,7 @@ def _load_keras_file(path):
     config_path = os.path.join(directory, CONFIG_FILE)
     config = load_config(config_path) if os.path.isfile(config_path) else None
     image_size = image_size_of(config) if config else model_image_size(model)
-    resize = config["data"]["resize"] if config else "squash"
+    resize = eval_resize_policy(config["data"]["resize"]) if config else "squash"
     thresholds = run_thresholds(directory, config, vocabulary)
     return KerasPredictor(model, path, vocabulary, image_size, resize, thresholds)
 
@@ -340,7 +341,7 @@ def _load_run(run_dir, checkpoint):
     config, vocabulary, model = load_run(run_dir, checkpoint=checkpoint)
     thresholds = run_thresholds(run_dir, config, vocabulary)
     return KerasPredictor(
-        model, run_dir, vocabulary, image_size_of(config), config["data"]["resize"], thresholds
+        model, run_dir, vocabulary, image_size_of(config), eval_resize_policy(config["data"]["resize"]), thresholds
     )
 
 
