@@ -181,6 +181,7 @@ def train(
             history = training_model.fit(
                 train_sequences,
                 validation_data=validation,
+                shuffle=False,  # tf.data already shuffles
                 epochs=epochs,
                 initial_epoch=initial_epoch,
                 steps_per_epoch=steps_per_epoch,
