@@ -43,8 +43,14 @@ DEFAULTS = {
         "include_crowd": True,
         "keep_empty": False,
         "missing_files": "error",
+        # squash | center_crop | random_resized_crop (training; squash in eval)
         "resize": "squash",
         "cache": False,
+        # training augmentation (data/augment.py); flips need train.augment_flip too
+        "augment_flip": True,
+        "rand_augment": False,
+        "mixup_alpha": 0.0,
+        "cutmix_alpha": 0.0,
     },
     "model": {
         "backbone": "small_cnn",
@@ -55,6 +61,19 @@ DEFAULTS = {
         "gru_units": 256,
         "dropout": 0.2,
         "label_order": "freq2rare",
+        # hybrid_rnn (GRU decoder) | bce (sigmoid head) | hybrid (both; see hybridnet.py)
+        "head": "hybrid_rnn",
+        # decoding: 1 = greedy; labels below min_label_score are not emitted
+        "beam_width": 1,
+        "min_label_score": 0.0,
+        # hybrid head: scores = score_mix * sigmoid + (1 - score_mix) * decoder
+        "score_mix": 0.5,
+        "aux_loss_weight": 1.0,
+        # loss of the sigmoid head (bce, hybrid): bce | asl (Ridnik et al. 2021)
+        "sigmoid_loss": "bce",
+        "asl_gamma_neg": 4.0,
+        "asl_gamma_pos": 0.0,
+        "asl_clip": 0.05,
     },
     "train": {
         "epochs": 10,
@@ -63,11 +82,28 @@ DEFAULTS = {
         "weight_decay": 0.0001,
         "warmup_epochs": 1,
         "seed": 0,
+        # compute: "auto" is XLA / mixed_float16 on a (Tensor Core) GPU, off / float32 on CPU
         "jit_compile": "auto",
+        "mixed_precision": "auto",
         "steps_per_execution": 1,
+        # tf.distribute: auto | default | mirrored | multi_worker (TF_CONFIG) | tpu
+        "strategy": "auto",
+        # TPU name, grpc:// address or "local" (TPU VM); null: TPU_NAME / metadata
+        "tpu": None,
+        # BackupAndRestore in run_dir/backup every N steps; 0: at each epoch end
+        "backup_steps": 0,
+        # optimizer weight EMA; checkpoints and val metrics then use the EMA weights
+        "use_ema": False,
+        "ema_momentum": 0.99,
+        # kept for older configs; prefer data.augment_flip (flips only when both are true)
         "augment_flip": True,
         "monitor": "val_mAP",
         "val_max_images": 2000,
+        # fine-tuning a pretrained backbone: epochs with it frozen first (0: none),
+        # then the top K blocks unfrozen (-1: all) at learning_rate * fine_tune_lr_factor
+        "frozen_epochs": 0,
+        "unfreeze_blocks": -1,
+        "fine_tune_lr_factor": 0.1,
     },
     "eval": {
         "threshold": 0.5,
@@ -80,11 +116,18 @@ DEFAULTS = {
 CHOICES = {
     ("data", "source"): ("demo", "coco_json", "tfds", "folder", "csv"),
     ("data", "missing_files"): ("error", "skip"),
-    ("data", "resize"): ("squash", "center_crop"),
-    ("model", "label_order"): ("freq2rare", "rare2freq", "fixed"),
+    ("data", "resize"): ("squash", "center_crop", "random_resized_crop"),
+    ("model", "label_order"): ("freq2rare", "rare2freq", "fixed", "random", "orderless"),
+    ("model", "head"): ("hybrid_rnn", "bce", "hybrid"),
+    ("model", "sigmoid_loss"): ("bce", "asl"),
     ("train", "jit_compile"): ("auto", True, False),
+    ("train", "mixed_precision"): ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+    ("train", "strategy"): ("auto", "default", "mirrored", "multi_worker", "tpu"),
     ("eval", "split"): ("train", "val"),
 }
+
+# Keys whose default is None (derived elsewhere) but that take an integer.
+OPTIONAL_INTEGERS = {("model", "image_size")}
 
 
 class ConfigError(ValueError):
@@ -98,6 +141,10 @@ def _check_value(section, key, value, where):
     if choices is not None:
         if value not in choices:
             raise ConfigError(f"{where}: {name} must be one of {list(choices)}, got {value!r}")
+        return value
+    if default is None and (section, key) in OPTIONAL_INTEGERS:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{where}: {name} must be an integer or null, got {value!r}")
         return value
     if default is None:
         if value is not None and not isinstance(value, str):

@@ -184,18 +184,25 @@ def as_dataset(split, config, training, batch_size=None, from_files=True):
         training=training,
         from_files=from_files,
         resize=data["resize"],
-        augment=flip_augment if (training and config["train"]["augment_flip"]) else None,
+        augment=augmentation_of(config) if training else None,
         cache=data["cache"] if training else False,
         seed=config["train"]["seed"],
     )
 
 
-def flip_augment(images, labels):
-    """Random horizontal flips (a Keras layer, safe inside tf.data)."""
-    return _FLIP(images, training=True), labels
+def augmentation_of(config):
+    """The training augmentation named by `data.augment_flip`, `rand_augment`, `mixup_alpha`, `cutmix_alpha`."""
+    from hybridnet_tf.data.augment import build_augmentation
 
-
-_FLIP = keras.layers.RandomFlip("horizontal", seed=0)
+    data = config["data"]
+    return build_augmentation(
+        # train.augment_flip is the older switch, kept so old configs still load.
+        flip=data["augment_flip"] and config["train"]["augment_flip"],
+        rand_augment=data["rand_augment"],
+        mixup_alpha=data["mixup_alpha"],
+        cutmix_alpha=data["cutmix_alpha"],
+        seed=config["train"]["seed"],
+    )
 
 
 def run_train(config, run_dir, verbose="auto"):
@@ -205,15 +212,29 @@ def run_train(config, run_dir, verbose="auto"):
         The fit history dict.
     """
     from hybridnet_tf.model.hybridnet import build_model
-    from hybridnet_tf.training.trainer import steps_for, train
+    from hybridnet_tf.model.label_sequences import rank_ordering
+    from hybridnet_tf.training.compute import describe_devices, dtype_policy, resolve_mixed_precision
+    from hybridnet_tf.training.distribution import is_chief, make_strategy, shard_for_worker
+    from hybridnet_tf.training.fine_tuning import train_in_phases
+    from hybridnet_tf.training.trainer import steps_for
 
     train_cfg, model_cfg = config["train"], config["model"]
+    # First of all: MultiWorkerMirroredStrategy must be set up before other TF work.
+    strategy = make_strategy(train_cfg["strategy"], tpu=train_cfg["tpu"])
+    precision = resolve_mixed_precision(train_cfg["mixed_precision"], strategy)
+    print(
+        f"{describe_devices()}; {type(strategy).__name__} with "
+        f"{strategy.num_replicas_in_sync} replica(s); dtype policy {precision}"
+    )
+    chief = is_chief(strategy)
     keras.utils.set_random_seed(train_cfg["seed"])
     os.makedirs(run_dir, exist_ok=True)
-    save_config(config, os.path.join(run_dir, CONFIG_FILE))
+    if chief:
+        save_config(config, os.path.join(run_dir, CONFIG_FILE))
 
     train_split, val_split, vocabulary, from_files = load_splits(config["data"])
-    vocabulary.save(os.path.join(run_dir, VOCABULARY_FILE))
+    if chief:
+        vocabulary.save(os.path.join(run_dir, VOCABULARY_FILE))
     num_train = len(train_split) if from_files else int(train_split.cardinality())
     print(
         f"train: {num_train} images, val: {len(val_split) if val_split is not None and from_files else 'n/a'}, "
@@ -221,28 +242,43 @@ def run_train(config, run_dir, verbose="auto"):
     )
     _report_truncation(train_split, model_cfg["max_length"], from_files)
 
-    model = build_model(
-        len(vocabulary),
-        backbone=model_cfg["backbone"],
-        image_size=image_size_of(config),
-        weights=model_cfg["weights"],
-        max_length=model_cfg["max_length"],
-        embedding_dim=model_cfg["embedding_dim"],
-        gru_units=model_cfg["gru_units"],
-        dropout=model_cfg["dropout"],
-    )
-    train_data = as_dataset(train_split, config, training=True, from_files=from_files)
+    # Variables are created under the strategy, layers take the dtype policy.
+    with strategy.scope(), dtype_policy(precision):
+        model = build_model(
+            len(vocabulary),
+            backbone=model_cfg["backbone"],
+            image_size=image_size_of(config),
+            weights=model_cfg["weights"],
+            max_length=model_cfg["max_length"],
+            embedding_dim=model_cfg["embedding_dim"],
+            gru_units=model_cfg["gru_units"],
+            dropout=model_cfg["dropout"],
+            head=model_cfg["head"],
+            label_order=model_cfg["label_order"],
+            beam_width=model_cfg["beam_width"],
+            min_label_score=model_cfg["min_label_score"],
+            score_mix=model_cfg["score_mix"],
+            aux_loss_weight=model_cfg["aux_loss_weight"],
+            sigmoid_loss=model_cfg["sigmoid_loss"],
+            asl_gamma_neg=model_cfg["asl_gamma_neg"],
+            asl_gamma_pos=model_cfg["asl_gamma_pos"],
+            asl_clip=model_cfg["asl_clip"],
+        )
+    # Each worker reads only its own files (see distribution.shard_for_worker).
+    train_source = shard_for_worker(train_split.to_dataset(), strategy) if from_files else train_split
+    train_data = as_dataset(train_source, config, training=True, from_files=from_files)
     val_data = None
     val_batches = None
     if val_split is not None:
         eval_batch = config["eval"]["batch_size"]
         val_data = as_dataset(val_split, config, False, batch_size=eval_batch, from_files=from_files)
         val_batches = steps_for(train_cfg["val_max_images"], eval_batch)
-    history = train(
+    history = train_in_phases(
         model,
         train_data,
         val_data,
-        vocabulary.label_rank(model_cfg["label_order"]),
+        # random / orderless build on a vocabulary ranking (label_sequences.rank_ordering).
+        vocabulary.label_rank(rank_ordering(model_cfg["label_order"])),
         run_dir,
         steps_per_epoch=steps_for(num_train, train_cfg["batch_size"]),
         epochs=train_cfg["epochs"],
@@ -254,9 +290,16 @@ def run_train(config, run_dir, verbose="auto"):
         monitor=train_cfg["monitor"],
         val_max_batches=val_batches,
         threshold=config["eval"]["threshold"],
+        batch_size=train_cfg["batch_size"],
+        use_ema=train_cfg["use_ema"],
+        ema_momentum=train_cfg["ema_momentum"],
+        backup_steps=train_cfg["backup_steps"],
+        frozen_epochs=train_cfg["frozen_epochs"],
+        unfreeze_blocks=train_cfg["unfreeze_blocks"],
+        learning_rate_factor=train_cfg["fine_tune_lr_factor"],
         verbose=verbose,
     )
-    if val_data is not None:
+    if val_data is not None and chief:
         tune_run_thresholds(run_dir, val_data, vocabulary)
     return history.history
 

@@ -1,18 +1,44 @@
-"""HybridNet: a CNN backbone and a GRU label decoder, as functional Keras models.
+"""HybridNet: a CNN backbone and a label head, as functional Keras models.
 
-`build_model` returns the inference model (image -> scores, decoded labels);
-`build_training_model` wraps the same layers for teacher forcing. Both share
+Heads (`head=`):
+
+- `hybrid_rnn` (default): the GRU label decoder of the CNN-RNN (Wang et al.,
+  CVPR 2016); scores and label set come from decoding.
+- `bce`: a sigmoid per label on the image feature, trained with binary
+  cross-entropy or ASL; its label set is the labels with score >= 0.5.
+- `hybrid`: the decoder plus an auxiliary sigmoid head on the same image
+  feature, trained jointly; scores are `score_mix * sigmoid + (1 - score_mix)
+  * decoder`, the label set is the decoder's.
+
+`build_model` returns the inference model (image -> scores, decoded
+labels) with the same outputs for every head; `build_training_model`
+wraps the same layers for training, `training_loss` gives its loss and
+`with_training_targets` its targets. Training and inference models share
 weights, so training one trains the other.
 """
 
 import keras
+import tensorflow as tf
 
-from hybridnet_tf.data.pipeline import with_label_sequences
 from hybridnet_tf.model.backbones import BACKBONES, build_backbone
 from hybridnet_tf.model.label_decoder import LabelDecoder
+from hybridnet_tf.model.label_sequences import (
+    LABEL_ORDERS,
+    decoder_inputs_from_targets,
+    make_label_sequence,
+    random_label_sequence,
+    ranked_labels,
+)
+from hybridnet_tf.model.losses import SIGMOID_LOSSES, OrderlessSequenceLoss, sigmoid_loss
+from hybridnet_tf.model.sigmoid_head import ScoreMix, ScoresToLabels, SigmoidLabelHead
 
+HEADS = ("hybrid_rnn", "bce", "hybrid")
 IMAGE_ENCODER = "image_encoder"
 LABEL_DECODER = "label_decoder"
+SIGMOID_HEAD = "sigmoid_head"
+# Keys of the training model's outputs and of the targets.
+SEQUENCE = "sequence"
+LABELS = "labels"
 
 
 def build_model(
@@ -25,6 +51,16 @@ def build_model(
     gru_units=256,
     dropout=0.2,
     use_cudnn=False,
+    head="hybrid_rnn",
+    label_order="freq2rare",
+    beam_width=1,
+    min_label_score=0.0,
+    score_mix=0.5,
+    aux_loss_weight=1.0,
+    sigmoid_loss="bce",
+    asl_gamma_neg=4.0,
+    asl_gamma_pos=0.0,
+    asl_clip=0.05,
 ):
     """Builds the HybridNet inference model.
 
@@ -34,16 +70,30 @@ def build_model(
         image_size: input size in pixels; the backbone's default when None.
         weights: backbone weights: None, "imagenet" or a weights file path.
         max_length: decoding steps, END included (so at most
-            `max_length - 1` labels per image).
+            `max_length - 1` labels per image); for `bce`, the columns of
+            `label_ids`.
         embedding_dim: label embedding / joint space size.
         gru_units: GRU state size.
         dropout: dropout on the image feature and the GRU output in training.
         use_cudnn: see `LabelDecoder`.
+        head: "hybrid_rnn", "bce" or "hybrid" (see the module docstring).
+        label_order: training order of the label sequences, one of
+            `label_sequences.LABEL_ORDERS` (decoder heads).
+        beam_width: decoding beam width; 1 is greedy (decoder heads).
+        min_label_score: decoding emits no label whose probability at that
+            step is below this (decoder heads; 0 = off).
+        score_mix: `hybrid` head: weight of the sigmoid scores in `scores`.
+        aux_loss_weight: `hybrid` head: weight of the sigmoid loss beside
+            the sequence loss.
+        sigmoid_loss: "bce" or "asl", the loss of the sigmoid head
+            (`bce` and `hybrid` heads).
+        asl_gamma_neg, asl_gamma_pos, asl_clip: ASL parameters (see
+            `losses.AsymmetricLoss`).
 
     Returns:
         A functional `keras.Model` from `image` [B, H, W, 3] (0..255 pixels)
         to a dict: `scores` [B, L] float32, `label_ids` [B, max_length] int32
-        (-1 after END) and `num_labels` [B] int32.
+        (-1 after the last label) and `num_labels` [B] int32.
 
     Example:
         >>> model = build_model(num_labels=4, image_size=32)
@@ -52,6 +102,12 @@ def build_model(
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {list(HEADS)}")
+    if label_order not in LABEL_ORDERS:
+        raise ValueError(f"unknown label_order {label_order!r}; choose one of {list(LABEL_ORDERS)}")
+    if sigmoid_loss not in SIGMOID_LOSSES:
+        raise ValueError(f"unknown sigmoid_loss {sigmoid_loss!r}; choose one of {list(SIGMOID_LOSSES)}")
     image_size = image_size or BACKBONES[backbone].default_size
     backbone_model = build_backbone(backbone, image_size, weights=weights)
 
@@ -62,60 +118,193 @@ def build_model(
     features = keras.layers.Dropout(dropout, name="feature_dropout")(features)
     image_encoder = keras.Model(image, features, name=IMAGE_ENCODER)
 
-    decoder = LabelDecoder(
-        num_labels,
-        max_length,
-        embedding_dim=embedding_dim,
-        units=gru_units,
-        dropout=dropout,
-        use_cudnn=use_cudnn,
-        # Probabilities and the GRU stay float32 under mixed precision.
-        dtype="float32",
-        name=LABEL_DECODER,
-    )
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    decoded = decoder(image_encoder(inputs))
-    outputs = {key: decoded[key] for key in ("scores", "label_ids", "num_labels")}
+    features = image_encoder(inputs)
+    outputs = {}
+    if head in ("hybrid_rnn", "hybrid"):
+        decoder = LabelDecoder(
+            num_labels,
+            max_length,
+            embedding_dim=embedding_dim,
+            units=gru_units,
+            dropout=dropout,
+            use_cudnn=use_cudnn,
+            beam_width=beam_width,
+            min_label_score=min_label_score,
+            label_order=label_order,
+            # Probabilities and the GRU stay float32 under mixed precision.
+            dtype="float32",
+            name=LABEL_DECODER,
+        )
+        decoded = decoder(features)
+        outputs = {key: decoded[key] for key in ("scores", "label_ids", "num_labels")}
+    if head in ("bce", "hybrid"):
+        sigmoid_head = SigmoidLabelHead(
+            num_labels,
+            loss=sigmoid_loss,
+            asl_gamma_neg=asl_gamma_neg,
+            asl_gamma_pos=asl_gamma_pos,
+            asl_clip=asl_clip,
+            loss_weight=aux_loss_weight if head == "hybrid" else 1.0,
+            dtype="float32",
+            name=SIGMOID_HEAD,
+        )
+        sigmoid_scores = keras.layers.Activation("sigmoid", dtype="float32", name="sigmoid")(
+            sigmoid_head(features)
+        )
+        if head == "bce":
+            labels = ScoresToLabels(max_length, threshold=0.5, dtype="float32", name="labels_above_half")(
+                sigmoid_scores
+            )
+            outputs = {"scores": sigmoid_scores, **labels}
+        else:
+            outputs["scores"] = ScoreMix(score_mix, dtype="float32", name="score_mix")(
+                [sigmoid_scores, outputs["scores"]]
+            )
+    outputs = {key: outputs[key] for key in ("scores", "label_ids", "num_labels")}
     return keras.Model(inputs, outputs, name="hybridnet")
 
 
+def _layer_or_none(model, name):
+    try:
+        return model.get_layer(name)
+    except ValueError:
+        return None
+
+
+def model_head(model):
+    """The head of a model from `build_model` (or its `.keras` file): "hybrid_rnn", "bce" or "hybrid"."""
+    has_decoder = _layer_or_none(model, LABEL_DECODER) is not None
+    has_sigmoid = _layer_or_none(model, SIGMOID_HEAD) is not None
+    if has_decoder and has_sigmoid:
+        return "hybrid"
+    if has_decoder:
+        return "hybrid_rnn"
+    if has_sigmoid:
+        return "bce"
+    raise ValueError(
+        f"model {model.name!r} has neither a {LABEL_DECODER!r} nor a {SIGMOID_HEAD!r} layer; "
+        "is it a model from build_model?"
+    )
+
+
 def build_training_model(model):
-    """Wraps an inference model's layers for teacher-forced training.
+    """Wraps an inference model's layers for training.
 
     Args:
         model: a model from `build_model` (or loaded from its `.keras` file).
 
     Returns:
-        A functional `keras.Model` from `{"image", "decoder_inputs"}` to the
-        per-step logits [B, T, L+1]; weights are shared with `model`.
+        A functional `keras.Model` sharing `model`'s weights, from a dict
+        with `image` (and `decoder_inputs` [B, T] for teacher forcing) to a
+        dict with `sequence` (decoder heads: per-step logits [B, T, L+1]) and
+        `labels` (sigmoid heads: per-label logits [B, L]). With
+        `label_order="orderless"` the decoder feeds back its own predictions
+        instead of teacher forcing, so there is no `decoder_inputs`.
     """
+    head = model_head(model)
     image_encoder = model.get_layer(IMAGE_ENCODER)
-    decoder = model.get_layer(LABEL_DECODER)
     image = keras.Input(image_encoder.input.shape[1:], name="image")
-    decoder_inputs = keras.Input((decoder.max_length,), dtype="int32", name="decoder_inputs")
-    logits = decoder([image_encoder(image), decoder_inputs])
-    return keras.Model({"image": image, "decoder_inputs": decoder_inputs}, logits, name="hybridnet_training")
+    features = image_encoder(image)
+    inputs = {"image": image}
+    outputs = {}
+    if head in ("hybrid_rnn", "hybrid"):
+        decoder = model.get_layer(LABEL_DECODER)
+        if decoder.label_order == "orderless":
+            outputs[SEQUENCE] = decoder(features, self_fed=True)
+        else:
+            decoder_inputs = keras.Input((decoder.max_length,), dtype="int32", name="decoder_inputs")
+            inputs["decoder_inputs"] = decoder_inputs
+            outputs[SEQUENCE] = decoder([features, decoder_inputs])
+    if head in ("bce", "hybrid"):
+        outputs[LABELS] = model.get_layer(SIGMOID_HEAD)(features)
+    return keras.Model(inputs, outputs, name="hybridnet_training")
 
 
 def training_loss(model):
-    """The loss of `build_training_model(model)`'s output.
+    """The loss of `build_training_model(model)`'s outputs: a dict keyed like them.
 
-    A masked softmax cross-entropy over the label sequence: padding after
-    END is ignored, and the mean is over the real steps.
+    - `sequence`: a masked softmax cross-entropy over the label sequence
+      (padding after END ignored, mean over the real steps); against
+      PLA-aligned targets for `label_order="orderless"`.
+    - `labels`: BCE or ASL of the sigmoid head, times its `loss_weight`
+      (`aux_loss_weight` of the `hybrid` head).
+    Keras adds the two.
     """
-    del model  # one head for now; the argument keeps the call site head-agnostic
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1)
+    head = model_head(model)
+    losses = {}
+    if head in ("hybrid_rnn", "hybrid"):
+        if model.get_layer(LABEL_DECODER).label_order == "orderless":
+            losses[SEQUENCE] = OrderlessSequenceLoss()
+        else:
+            losses[SEQUENCE] = keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, ignore_class=-1
+            )
+    if head in ("bce", "hybrid"):
+        layer = model.get_layer(SIGMOID_HEAD)
+        losses[LABELS] = sigmoid_loss(
+            layer.loss,
+            gamma_neg=layer.asl_gamma_neg,
+            gamma_pos=layer.asl_gamma_pos,
+            clip=layer.asl_clip,
+            weight=layer.loss_weight,
+        )
+    return losses
 
 
 def with_training_targets(dataset, model, label_rank, seed=None):
     """Maps `(images, multi_hot)` batches to `(inputs, targets)` for `build_training_model(model)`.
 
+    The targets are dicts keyed like the training model's outputs:
+    `sequence` [B, T] (label ids, END, -1 padding, in the decoder's
+    `label_order`; for `orderless`, [B, L] `ranked_labels`, aligned inside
+    the loss) and `labels` [B, L] multi-hot.
+
+    `random` draws a new order for every batch, also on every pass over the
+    data: one seed per batch comes from `tf.data.Dataset.random(seed,
+    rerandomize_each_iteration=True)` and feeds `tf.random.stateless_uniform`,
+    so a seed gives the same orders run after run.
+
     Args:
         dataset: batches of `(images, multi_hot)`.
-        model: the inference model (its decoder sets the sequence length).
-        label_rank: [L] decoding order of the labels.
-        seed: for orderings that draw random numbers.
+        model: the inference model (its head and decoder set the targets).
+        label_rank: [L] rank of each label in the decoding order
+            (`LabelVocabulary.label_rank(rank_ordering(label_order))`); for
+            `orderless` the order of the labels the decoder missed.
+        seed: seed of the `random` order (None: from TF's global seed).
     """
-    del seed  # the fixed orderings draw no random numbers
-    decoder = model.get_layer(LABEL_DECODER)
-    return with_label_sequences(dataset, label_rank, decoder.max_length)
+    head = model_head(model)
+    label_rank = tf.constant(label_rank, tf.int32)
+    num_labels = int(label_rank.shape[0])
+    model_labels = model.output["scores"].shape[-1]
+    if model_labels != num_labels:
+        raise ValueError(f"label_rank has {num_labels} labels but the model has {model_labels}")
+    decoder = _layer_or_none(model, LABEL_DECODER)
+    label_order = decoder.label_order if decoder is not None else None
+    uses_sigmoid = head in ("bce", "hybrid")
+
+    def to_targets(images, multi_hot, batch_seed=None):
+        inputs, targets = {"image": images}, {}
+        if label_order == "orderless":
+            targets[SEQUENCE] = ranked_labels(multi_hot, label_rank)
+        elif label_order is not None:
+            if label_order == "random":
+                sequence = random_label_sequence(
+                    multi_hot, decoder.max_length, tf.stack([batch_seed, tf.zeros_like(batch_seed)])
+                )
+            else:
+                sequence = make_label_sequence(multi_hot, label_rank, decoder.max_length)
+            inputs["decoder_inputs"] = decoder_inputs_from_targets(sequence, num_labels)
+            targets[SEQUENCE] = sequence
+        if uses_sigmoid:
+            targets[LABELS] = tf.cast(multi_hot, tf.float32)
+        return inputs, targets
+
+    if label_order == "random":
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        dataset = tf.data.Dataset.zip(dataset, seeds)
+        return dataset.map(
+            lambda batch, batch_seed: to_targets(*batch, batch_seed),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return dataset.map(to_targets, num_parallel_calls=tf.data.AUTOTUNE)

@@ -3,7 +3,12 @@
 import keras
 import tensorflow as tf
 
-from hybridnet_tf.model.label_sequences import end_id, start_id
+# Loaders import this module to register the custom layers before
+# `load_model(safe_mode=True)`; importing the sigmoid head's layers here
+# keeps that one import enough for every head.
+from hybridnet_tf.model import sigmoid_head  # noqa: F401
+from hybridnet_tf.model.beam_search import beam_search
+from hybridnet_tf.model.label_sequences import LABEL_ORDERS, end_id, start_id
 
 # A large negative logit that removes a label from the softmax; finite so
 # that float16 / int8 exports do not produce NaN from inf - inf.
@@ -20,14 +25,23 @@ class LabelDecoder(keras.layers.Layer):
     against the embeddings of all labels and END (the joint image-label
     embedding of the CNN-RNN paper; input and output embeddings are tied).
 
-    Called with `[image_features, decoder_inputs]` it runs teacher forcing
-    and returns logits `[B, T, L + 1]`. Called with `image_features` alone it
-    decodes greedily inside the graph: the loop over `max_length` steps is
-    unrolled when traced, with a `GRUCell` and no TensorArray, so it exports
-    to SavedModel and to builtins-only TFLite. It then returns a dict:
-    `scores` [B, L] (each label's highest probability over the decoding
-    steps up to and including the END step), `label_ids` [B, max_length]
-    (decoded labels in order, -1 after END) and `num_labels` [B].
+    Three ways to call it:
+
+    - `decoder([image_features, decoder_inputs])`: teacher forcing; returns
+      logits `[B, T, L + 1]`.
+    - `decoder(image_features, self_fed=True)`: runs `max_length` steps
+      feeding back its own greedy predictions (no repeats) and returns the
+      masked logits `[B, max_length, L + 1]`; the argmax of step `t` is the
+      token fed to step `t + 1`. Used to train with predicted label
+      alignment (`label_order="orderless"`, see `label_sequences`).
+    - `decoder(image_features)`: decodes inside the graph, greedily when
+      `beam_width == 1`, else with `beam_search.beam_search`. The loop over
+      `max_length` steps is unrolled when traced, with a `GRUCell` and no
+      TensorArray, so it exports to SavedModel and to builtins-only TFLite.
+      It returns a dict: `scores` [B, L] (each label's highest probability
+      over the decoding steps up to and including the END step, and over
+      the open beams), `label_ids` [B, max_length] (decoded labels in order,
+      -1 after END) and `num_labels` [B].
 
     Args:
         num_labels: size of the label vocabulary `L`.
@@ -38,6 +52,12 @@ class LabelDecoder(keras.layers.Layer):
         use_cudnn: passed to `keras.layers.GRU`; False by default because a
             cuDNN GRU turns XLA off for the whole model and puts a
             `CudnnRNNV3` op into GPU exports (see TF-TRAPS.md).
+        beam_width: hypotheses kept when decoding; 1 is greedy.
+        min_label_score: a label is only emitted at a step where its
+            probability is at least this; 0 turns the rule off.
+        label_order: the training order of the target sequences (one of
+            `label_sequences.LABEL_ORDERS`); kept here so that training code
+            can rebuild the targets from the model alone. Decoding ignores it.
 
     Example:
         >>> decoder = LabelDecoder(num_labels=5, max_length=4)
@@ -54,6 +74,9 @@ class LabelDecoder(keras.layers.Layer):
         units=256,
         dropout=0.0,
         use_cudnn=False,
+        beam_width=1,
+        min_label_score=0.0,
+        label_order="freq2rare",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -61,12 +84,23 @@ class LabelDecoder(keras.layers.Layer):
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (a label and END), got {max_length}")
+        if beam_width < 1:
+            raise ValueError(f"beam_width must be >= 1 (1 is greedy), got {beam_width}")
+        if not 0.0 <= min_label_score < 1.0:
+            raise ValueError(f"min_label_score must be in [0, 1), got {min_label_score}")
+        if label_order not in LABEL_ORDERS:
+            raise ValueError(
+                f"unknown label_order {label_order!r}; choose one of {list(LABEL_ORDERS)}"
+            )
         self.num_labels = num_labels
         self.max_length = max_length
         self.embedding_dim = embedding_dim
         self.units = units
         self.dropout = dropout
         self.use_cudnn = use_cudnn
+        self.beam_width = beam_width
+        self.min_label_score = min_label_score
+        self.label_order = label_order
         # L labels + END + START; START is never scored.
         self.label_embedding = keras.layers.Embedding(
             num_labels + 2, embedding_dim, name="label_embedding", dtype=self.dtype_policy
@@ -111,11 +145,23 @@ class LabelDecoder(keras.layers.Layer):
             self.output_bias, joint.dtype
         )
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, self_fed=False):
         if isinstance(inputs, (list, tuple)):
             image_features, decoder_inputs = inputs
             return self.teacher_forcing_logits(image_features, decoder_inputs, training)
-        return self.greedy_decode(inputs)
+        if self_fed:
+            return self.self_fed_logits(inputs, training)
+        if self.beam_width == 1:
+            return self.greedy_decode(inputs)
+        return self.beam_decode(inputs)
+
+    def _step(self, token, state, image_step, training=None):
+        """One decoder step: logits [N, L+1] of the next token and the new state."""
+        step_input = tf.concat([self.label_embedding(token), image_step], axis=-1)
+        output, state = self.gru.cell(step_input, state, training=training)
+        if training:
+            output = self.output_dropout(output, training=training)
+        return self._scores_logits(output, image_step), state
 
     def teacher_forcing_logits(self, image_features, decoder_inputs, training=None):
         """Logits [B, T, L+1] of each next token given the true previous ones."""
@@ -143,15 +189,18 @@ class LabelDecoder(keras.layers.Layer):
         no_end_mask = tf.zeros([batch, 1], image_step.dtype)
         label_ids = []
         for _ in range(self.max_length):  # static length: unrolled into the graph
-            step_input = tf.concat([self.label_embedding(token), image_step], axis=-1)
-            output, state = self.gru.cell(step_input, state)
-            logits = self._scores_logits(output, image_step)
+            logits, state = self._step(token, state, image_step)
             # A label already emitted cannot be emitted again.
             repeat_mask = tf.concat([emitted, no_end_mask], axis=-1)
             logits = logits + _MASKED_LOGIT * repeat_mask
             probs = tf.nn.softmax(logits, axis=-1)
             active = 1.0 - tf.cast(finished, probs.dtype)
             scores = tf.maximum(scores, probs[:, :num_labels] * active[:, None])
+            if self.min_label_score > 0:
+                # Labels below the minimum cannot be chosen, so greedy stops
+                # (emits END) when the most likely label falls below it.
+                too_low = tf.cast(probs[:, :num_labels] < self.min_label_score, logits.dtype)
+                logits = logits + _MASKED_LOGIT * tf.concat([too_low, no_end_mask], axis=-1)
             # tf.math.argmax, not keras.ops.argmax: the latter adds a BitwiseAnd op
             # that breaks builtins-only TFLite conversion (TF-TRAPS.md).
             token = tf.cast(tf.math.argmax(logits, axis=-1), tf.int32)
@@ -167,12 +216,60 @@ class LabelDecoder(keras.layers.Layer):
             "num_labels": tf.cast(tf.reduce_sum(emitted, axis=-1), tf.int32),
         }
 
-    def compute_output_spec(self, inputs, training=None):
+    def beam_decode(self, image_features):
+        """Beam search of width `beam_width`; see `beam_search` for the rules."""
+        image_step = self.image_to_step(image_features)
+        return beam_search(
+            self._step,
+            self.initial_state(image_features),
+            image_step,
+            num_labels=self.num_labels,
+            max_length=self.max_length,
+            beam_width=self.beam_width,
+            start_token=start_id(self.num_labels),
+            min_label_score=self.min_label_score,
+            masked_logit=_MASKED_LOGIT,
+        )
+
+    def self_fed_logits(self, image_features, training=None):
+        """Masked logits [B, max_length, L+1] of a run fed with its own argmax tokens.
+
+        The same steps and no-repeat mask as `greedy_decode` (labels after
+        the first END are not masked), with dropout in training. The argmax
+        of each step's logits is the next input, so a loss can read the
+        decoder's predictions back from these logits (`OrderlessSequenceLoss`).
+        """
+        num_labels = self.num_labels
+        batch = tf.shape(image_features)[0]
+        image_step = self.image_to_step(image_features)
+        state = self.initial_state(image_features)
+        token = tf.fill([batch], start_id(num_labels))
+        finished = tf.zeros([batch], tf.bool)
+        emitted = tf.zeros([batch, num_labels], image_step.dtype)
+        no_end_mask = tf.zeros([batch, 1], image_step.dtype)
+        all_logits = []
+        for _ in range(self.max_length):
+            logits, state = self._step(token, state, image_step, training)
+            logits = logits + _MASKED_LOGIT * tf.concat([emitted, no_end_mask], axis=-1)
+            all_logits.append(logits)
+            token = tf.cast(tf.math.argmax(logits, axis=-1), tf.int32)
+            is_label = tf.logical_and(tf.logical_not(finished), token < num_labels)
+            emitted += tf.one_hot(token, num_labels, dtype=emitted.dtype) * tf.cast(
+                is_label, emitted.dtype
+            )[:, None]
+            finished = tf.logical_or(finished, token >= end_id(num_labels))
+        return tf.stack(all_logits, axis=1)
+
+    def compute_output_spec(self, inputs, training=None, self_fed=False):
         if isinstance(inputs, (list, tuple)):
             features, decoder_inputs = inputs
             return keras.KerasTensor(
                 (features.shape[0], decoder_inputs.shape[1], self.num_labels + 1),
                 dtype=self.compute_dtype,
+            )
+        if self_fed:
+            return keras.KerasTensor(
+                (inputs.shape[0], self.max_length, self.num_labels + 1), dtype=self.compute_dtype
             )
         batch = inputs.shape[0]
         return {
@@ -191,6 +288,9 @@ class LabelDecoder(keras.layers.Layer):
                 "units": self.units,
                 "dropout": self.dropout,
                 "use_cudnn": self.use_cudnn,
+                "beam_width": self.beam_width,
+                "min_label_score": self.min_label_score,
+                "label_order": self.label_order,
             }
         )
         return config

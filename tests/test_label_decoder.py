@@ -1,0 +1,216 @@
+"""LabelDecoder: greedy and beam decoding against step-by-step references."""
+
+import itertools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hybridnet_tf.model.beam_search import beam_search
+from hybridnet_tf.model.label_decoder import LabelDecoder
+
+NUM_LABELS = 4
+END = NUM_LABELS
+START = NUM_LABELS + 1
+MASKED = -1e4
+
+
+def _tiny_decoder(max_length=3, seed=0, **kwargs):
+    """A decoder with random, fairly peaked weights, so decodes differ per image."""
+    decoder = LabelDecoder(NUM_LABELS, max_length, embedding_dim=6, units=8, dtype="float32", **kwargs)
+    features = tf.random.stateless_normal((12, 5), seed=[seed, 1]) * 2.0
+    decoder(features)
+    rng = np.random.default_rng(seed)
+    decoder.set_weights([rng.normal(0.0, 0.6, w.shape).astype(np.float32) for w in decoder.get_weights()])
+    return decoder, features
+
+
+def _next_probs(decoder, image_features, prefix):
+    """Softmax over labels + END after `prefix`, computed step by step in Python.
+
+    Calls `decoder.gru.cell` one step at a time (eagerly) and does the joint
+    embedding scoring and the no-repeat mask in NumPy.
+    """
+    embeddings = decoder.label_embedding.embeddings.numpy()
+    joint_kernel, joint_bias = (w.numpy() for w in decoder.to_joint_space.weights)
+    bias = decoder.output_bias.numpy()
+    features = image_features[None, :]
+    image_step = decoder.image_to_step(features).numpy()
+    state = decoder.initial_state(features)
+    tokens = [START] + list(prefix)
+    for token in tokens:
+        step_input = np.concatenate([embeddings[token][None, :], image_step], axis=-1)
+        output, state = decoder.gru.cell(tf.constant(step_input), state)
+    joint = np.maximum(np.concatenate([output.numpy(), image_step], -1) @ joint_kernel + joint_bias, 0)
+    logits = (joint @ embeddings[: NUM_LABELS + 1].T + bias)[0].astype(np.float64)
+    for label in prefix:
+        logits[label] += MASKED
+    logits -= logits.max()
+    return np.exp(logits) / np.exp(logits).sum()
+
+
+def _reference_greedy(decoder, image_features, min_label_score=0.0):
+    prefix, scores = [], np.zeros(NUM_LABELS)
+    for _ in range(decoder.max_length):
+        probs = _next_probs(decoder, image_features, prefix)
+        scores = np.maximum(scores, probs[:NUM_LABELS])
+        choice = probs.copy()
+        choice[:NUM_LABELS][probs[:NUM_LABELS] < min_label_score] = 0.0
+        choice[prefix] = 0.0
+        token = int(np.argmax(choice))
+        if token == END:
+            break
+        prefix.append(token)
+    return prefix, scores
+
+
+def _padded(labels, length):
+    return labels + [-1] * (length - len(labels))
+
+
+@pytest.mark.parametrize("min_label_score", [0.0, 0.4])
+def test_greedy_matches_a_step_by_step_reference(min_label_score):
+    decoder, features = _tiny_decoder(max_length=4, min_label_score=min_label_score)
+    out = decoder(features)
+    lengths = set()
+    for row in range(features.shape[0]):
+        labels, scores = _reference_greedy(decoder, features[row].numpy(), min_label_score)
+        lengths.add(len(labels))
+        assert out["label_ids"][row].numpy().tolist() == _padded(labels, 4)
+        assert int(out["num_labels"][row]) == len(labels)
+        np.testing.assert_allclose(out["scores"][row].numpy(), scores, atol=1e-5)
+    assert len(lengths) > 1  # the test data decode to sets of different sizes
+    if min_label_score > 0:  # the rule changes some decodes of this data
+        unrestricted, _ = _tiny_decoder(max_length=4)
+        assert np.any(out["label_ids"].numpy() != unrestricted(features)["label_ids"].numpy())
+
+
+def _all_sequences(max_length):
+    """Every legal token sequence: distinct labels then END, or max_length labels."""
+    for size in range(max_length + 1):
+        for labels in itertools.permutations(range(NUM_LABELS), size):
+            yield list(labels) + ([END] if size < max_length else [])
+
+
+def _brute_force(decoder, image_features, min_label_score=0.0):
+    """Best sequence by total log-probability, and each label's max prob over open prefixes."""
+    best, best_log_prob = None, -np.inf
+    scores = np.zeros(NUM_LABELS)
+    cache = {}
+    for sequence in _all_sequences(decoder.max_length):
+        log_prob, legal = 0.0, True
+        for step, token in enumerate(sequence):
+            prefix = tuple(sequence[:step])
+            if prefix not in cache:
+                cache[prefix] = _next_probs(decoder, image_features, list(prefix))
+            probs = cache[prefix]
+            if token < NUM_LABELS and probs[token] < min_label_score:
+                legal = False
+            log_prob += np.log(probs[token])
+        if legal and log_prob > best_log_prob:
+            best, best_log_prob = [t for t in sequence if t < NUM_LABELS], log_prob
+    for prefix, probs in cache.items():  # every open prefix is in an exhaustive beam
+        scores = np.maximum(scores, probs[:NUM_LABELS])
+    return best, scores
+
+
+@pytest.mark.parametrize("min_label_score", [0.0, 0.4])
+def test_wide_beam_equals_brute_force_enumeration(min_label_score):
+    # 41 legal sequences of 4 labels and length 3 fit in a beam of 48: the search is exact.
+    decoder, features = _tiny_decoder(max_length=3, beam_width=48, min_label_score=min_label_score)
+    out = decoder(features)
+    for row in range(features.shape[0]):
+        best, scores = _brute_force(decoder, features[row].numpy(), min_label_score)
+        assert out["label_ids"][row].numpy().tolist() == _padded(best, 3)
+        if min_label_score == 0.0:
+            np.testing.assert_allclose(out["scores"][row].numpy(), scores, atol=1e-5)
+    if min_label_score == 0.0:  # the search finds a sequence greedy misses
+        assert np.any(out["label_ids"].numpy() != decoder.greedy_decode(features)["label_ids"].numpy())
+    else:  # the rule changes some results on this data
+        unrestricted, _ = _tiny_decoder(max_length=3, beam_width=48)
+        assert np.any(out["label_ids"].numpy() != unrestricted(features)["label_ids"].numpy())
+
+
+def _reference_beam(decoder, image_features, width):
+    """Beam search by the documented rules, in plain Python."""
+    beams = [([], 0.0, False)]  # (tokens, log prob, finished)
+    scores = np.zeros(NUM_LABELS)
+    for _ in range(decoder.max_length):
+        candidates = []
+        for index, (tokens, log_prob, finished) in enumerate(beams):
+            if finished:
+                candidates.append((log_prob, index * (NUM_LABELS + 1) + END, tokens, True))
+                continue
+            labels = [t for t in tokens if t < NUM_LABELS]
+            probs = _next_probs(decoder, image_features, labels)
+            scores = np.maximum(scores, probs[:NUM_LABELS])
+            for token in range(NUM_LABELS + 1):
+                if token in labels:
+                    continue
+                candidates.append(
+                    (log_prob + np.log(probs[token]), index * (NUM_LABELS + 1) + token,
+                     tokens + [token], token == END)
+                )
+        candidates.sort(key=lambda c: (-c[0], c[1]))
+        beams = [(tokens, log_prob, done) for log_prob, _, tokens, done in candidates[:width]]
+    return [t for t in beams[0][0] if t < NUM_LABELS], scores
+
+
+@pytest.mark.parametrize("width", [2, 3])
+def test_narrow_beam_matches_a_python_reference(width):
+    decoder, features = _tiny_decoder(max_length=4, seed=3, beam_width=width)
+    out = decoder(features)
+    for row in range(features.shape[0]):
+        labels, scores = _reference_beam(decoder, features[row].numpy(), width)
+        assert out["label_ids"][row].numpy().tolist() == _padded(labels, 4)
+        np.testing.assert_allclose(out["scores"][row].numpy(), scores, atol=1e-5)
+        ids = [i for i in out["label_ids"][row].numpy() if i >= 0]
+        assert len(set(ids)) == len(ids) == int(out["num_labels"][row])
+
+
+def test_beam_width_one_is_greedy():
+    decoder, features = _tiny_decoder(max_length=4, seed=4)
+    greedy = decoder.greedy_decode(features)
+    beam = beam_search(
+        decoder._step,
+        decoder.initial_state(features),
+        decoder.image_to_step(features),
+        num_labels=NUM_LABELS,
+        max_length=4,
+        beam_width=1,
+        start_token=START,
+    )
+    np.testing.assert_array_equal(beam["label_ids"], greedy["label_ids"])
+    np.testing.assert_array_equal(beam["num_labels"], greedy["num_labels"])
+    np.testing.assert_allclose(beam["scores"], greedy["scores"], atol=1e-6)
+
+
+def test_self_fed_run_without_dropout_is_the_greedy_decode():
+    decoder, features = _tiny_decoder(max_length=4, seed=5)
+    logits = decoder(features, self_fed=True).numpy()
+    greedy = decoder.greedy_decode(features)["label_ids"].numpy()
+    tokens = logits.argmax(-1)
+    for row_tokens, row_greedy in zip(tokens, greedy):
+        labels = []
+        for token in row_tokens:
+            if token == END:
+                break
+            labels.append(int(token))
+        assert _padded(labels, 4) == row_greedy.tolist()
+
+
+def test_config_round_trip_and_argument_checks():
+    decoder = LabelDecoder(5, 4, embedding_dim=6, units=8, beam_width=3, min_label_score=0.1,
+                           label_order="orderless")
+    clone = LabelDecoder.from_config(decoder.get_config())
+    assert clone.get_config() == decoder.get_config()
+    assert (clone.beam_width, clone.min_label_score, clone.label_order) == (3, 0.1, "orderless")
+    with pytest.raises(ValueError, match="beam_width"):
+        LabelDecoder(5, 4, beam_width=0)
+    with pytest.raises(ValueError, match="min_label_score"):
+        LabelDecoder(5, 4, min_label_score=1.0)
+    with pytest.raises(ValueError, match="unknown label_order"):
+        LabelDecoder(5, 4, label_order="alphabetical")
+    assert isinstance(keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(decoder)),
+                      LabelDecoder)
