@@ -94,3 +94,18 @@ def test_resume_skips_a_finished_frozen_phase(tmp_path, capsys):
     )
     assert "frozen phase already done" in capsys.readouterr().out
     assert history.epoch == [1]
+
+
+def test_no_schedule_trains_the_backbone_as_built(tmp_path):
+    # A backbone trained from scratch needs its BatchNorm layers trainable
+    # (frozen ones would run in inference mode with their initial statistics).
+    model = build_model(4, image_size=32, gru_units=16, embedding_dim=8)
+    before = {w.path for w in model.trainable_weights}
+    data = tiny_data()
+    train_in_phases(
+        model, data, None, np.arange(4), str(tmp_path), steps_per_epoch=1, epochs=1,
+        learning_rate=1e-2, frozen_epochs=0, verbose=0, monitor="loss",
+    )
+    after = {w.path for w in model.trainable_weights}
+    assert after == before
+    assert any("bn" in name for name in after)

@@ -135,7 +135,10 @@ def train_in_phases(
     common = dict(train_data=train_data, val_data=val_data, label_rank=label_rank,
                   run_dir=run_dir, steps_per_epoch=steps_per_epoch, **train_kwargs)
     if frozen_epochs <= 0:
-        set_backbone_trainable(model, unfreeze_blocks)
+        # No schedule: train the model as built. (Unfreezing "all" here would
+        # freeze BatchNorm, which ruins a backbone trained from scratch.)
+        if unfreeze_blocks != -1:
+            set_backbone_trainable(model, unfreeze_blocks)
         return train(model, epochs=epochs, learning_rate=learning_rate, **common)
     if frozen_epochs >= epochs:
         set_backbone_trainable(model, 0)
