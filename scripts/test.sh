@@ -7,4 +7,4 @@ bash scripts/setup_env.sh
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 markers=()
 if [ "${HYBRIDNET_RUN_SLOW:-}" = "1" ]; then markers=(-m "slow or not slow"); fi
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "${markers[@]}" "$@"
+exec .venv/bin/python -m pytest -q -rs -p no:cacheprovider "${markers[@]}" "$@"
