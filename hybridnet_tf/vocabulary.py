@@ -6,10 +6,11 @@ rebuilt) without pickle.
 """
 
 import json
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from hybridnet_tf.atomic_files import write_json_atomically
 
 LABEL_ORDERINGS = ("freq2rare", "rare2freq", "fixed")
 
@@ -101,10 +102,7 @@ class LabelVocabulary:
 
     def save(self, path):
         """Writes the vocabulary as JSON to `path` (atomically)."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_json_dict(), f, indent=1)
-        os.replace(tmp, path)
+        write_json_atomically(path, self.to_json_dict())
 
     @classmethod
     def load(cls, path):

@@ -9,10 +9,10 @@ on the test set inflates them.
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 
+from hybridnet_tf.atomic_files import write_json_atomically
 from hybridnet_tf.evaluation.metrics import _check_labels_and_scores, threshold_metrics
 
 THRESHOLDS_FILE_VERSION = 1
@@ -186,21 +186,7 @@ def save_thresholds(path, thresholds, names):
     }
     if "gain" in thresholds:
         content["gain"] = thresholds["gain"]
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # Temp file in the same folder, so os.replace is an atomic rename.
-    handle, temp_path = tempfile.mkstemp(dir=directory, prefix=".thresholds-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(content, file, indent=2, allow_nan=False)
-            file.write("\n")
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
-    return path
+    return write_json_atomically(os.fspath(path), content, indent=2)
 
 
 def _no_duplicate_keys(pairs):

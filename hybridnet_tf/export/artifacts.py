@@ -15,6 +15,7 @@ import tempfile
 
 import numpy as np
 
+from hybridnet_tf.atomic_files import default_permissions, write_json_atomically
 from hybridnet_tf.data.pipeline import eval_resize_policy
 from hybridnet_tf.vocabulary import LabelVocabulary
 
@@ -26,17 +27,6 @@ DEFAULT_THRESHOLD = 0.5
 
 
 # ---------------------------------------------------------------- writing
-
-
-def _default_permissions(path):
-    """Gives a temp file / folder the mode a plain open() / makedirs() would have.
-
-    mkstemp and mkdtemp create owner-only files, which a server running as
-    another user (e.g. TF Serving in Docker) could not read.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
 def replace_atomically(out_path, write, overwrite=False):
@@ -57,7 +47,7 @@ def replace_atomically(out_path, write, overwrite=False):
     old = None
     try:
         write(temp_dir)
-        _default_permissions(temp_dir)
+        default_permissions(temp_dir)
         if os.path.exists(out_path):
             old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
             os.rmdir(old)
@@ -71,24 +61,6 @@ def replace_atomically(out_path, write, overwrite=False):
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out_path
-
-
-def write_json_atomically(path, content):
-    """Writes JSON through a temporary file in the same folder and `os.replace`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(dir=directory, prefix=".export-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(content, file, indent=1)
-            file.write("\n")
-        _default_permissions(temp_path)
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
-    return path
 
 
 def as_vocabulary(vocabulary):
@@ -128,7 +100,7 @@ def write_thresholds(path, thresholds, names):
     from hybridnet_tf.evaluation.thresholds import save_thresholds
 
     save_thresholds(path, threshold_dict(thresholds, len(names)), names)
-    _default_permissions(path)
+    default_permissions(path)
     return path
 
 

@@ -6,13 +6,13 @@ an order that matters (see there).
 
 import contextlib
 import csv
-import json
 import math
 import os
 
 import keras
 import tensorflow as tf
 
+from hybridnet_tf.atomic_files import write_json_atomically
 from hybridnet_tf.evaluation.metrics import mean_average_precision, set_metrics, threshold_metrics
 from hybridnet_tf.evaluation.predictions import collect_predictions
 
@@ -283,13 +283,6 @@ def _write_epoch_log(path, header, rows):
     os.replace(tmp, path)
 
 
-def _write_json(path, data):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 class RunHistoryLogger(keras.callbacks.CSVLogger):
     """Keras' `CSVLogger` in append mode, plus `history.json`; every epoch once across restarts.
 
@@ -340,7 +333,7 @@ class RunHistoryLogger(keras.callbacks.CSVLogger):
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
-        _write_json(self.json_path, history_of(self.rows()))
+        write_json_atomically(self.json_path, history_of(self.rows()))
 
     def on_train_end(self, logs=None):
         super().on_train_end(logs)
@@ -348,4 +341,4 @@ class RunHistoryLogger(keras.callbacks.CSVLogger):
         header, _ = read_epoch_log(self.filename)
         if header:
             _write_epoch_log(self.filename, header, rows)
-        _write_json(self.json_path, history_of(rows))
+        write_json_atomically(self.json_path, history_of(rows))
