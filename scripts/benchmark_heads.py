@@ -1,0 +1,155 @@
+"""What the label decoder costs next to a plain sigmoid (BCE) head on the same backbone.
+
+One process, one backbone (default efficientnet_b0 with random weights:
+`weights=None`, no download; the cost does not depend on the weight
+values), 224 px, batch 32. Measures, round-robin over the variants so that
+load from other processes hits them alike, the minimum (and median) over
+rounds of:
+
+- a training step (`train_on_batch`, AdamW) of HybridNet (GRU decoder,
+  teacher forcing; and, for information, PLA and the hybrid head) / of BCE;
+- an inference call (`tf.function`) with greedy decoding / BCE;
+- an inference call with beam width 5 / BCE;
+- the heads alone on precomputed features (what the decoder itself costs).
+
+Targets: train <= 1.10x, greedy <= 1.10x, beam 5 <= 1.30x.
+
+Run:
+    PYTHONPATH=. python scripts/benchmark_heads.py
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+TARGETS = {"train hybrid_rnn": 1.10, "infer greedy": 1.10, "infer beam 5": 1.30}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", default="efficientnet_b0")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-labels", type=int, default=80)
+    parser.add_argument("--max-length", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--train-steps", type=int, default=2, help="timed train steps per round")
+    parser.add_argument("--infer-calls", type=int, default=4, help="timed inference calls per round")
+    parser.add_argument("--extras", action="store_true", help="also time PLA and hybrid training steps")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    import keras
+    import tensorflow as tf
+
+    from hybridnet_tf.model.hybridnet import (
+        IMAGE_ENCODER,
+        LABEL_DECODER,
+        SIGMOID_HEAD,
+        build_model,
+        build_training_model,
+        training_loss,
+        with_training_targets,
+    )
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (args.batch_size, args.image_size, args.image_size, 3)).astype(np.float32)
+    multi_hot = (rng.random((args.batch_size, args.num_labels)) < 0.04).astype(np.float32)
+    multi_hot[np.arange(args.batch_size), rng.integers(0, args.num_labels, args.batch_size)] = 1.0
+    label_rank = np.arange(args.num_labels)
+    common = dict(backbone=args.backbone, image_size=args.image_size, weights=None,
+                  max_length=args.max_length)
+
+    models = {
+        "bce": build_model(args.num_labels, head="bce", **common),
+        "hybrid_rnn": build_model(args.num_labels, head="hybrid_rnn", **common),
+    }
+    beam = build_model(args.num_labels, head="hybrid_rnn", beam_width=5, **common)
+    beam.set_weights(models["hybrid_rnn"].get_weights())
+    if args.extras:
+        models["orderless (PLA)"] = build_model(args.num_labels, head="hybrid_rnn", label_order="orderless", **common)
+        models["hybrid"] = build_model(args.num_labels, head="hybrid", **common)
+
+    batch = tf.data.Dataset.from_tensors((images, multi_hot))
+    train_steps = {}
+    for name, model in models.items():
+        training_model = build_training_model(model)
+        training_model.compile(optimizer=keras.optimizers.AdamW(1e-4), loss=training_loss(model))
+        inputs, targets = next(iter(with_training_targets(batch, model, label_rank, seed=0)))
+        train_steps[f"train {name}"] = (
+            lambda tm=training_model, x=inputs, y=targets: tm.train_on_batch(x, y)
+        )
+    inference = {
+        "infer bce": models["bce"],
+        "infer greedy": models["hybrid_rnn"],
+        "infer beam 5": beam,
+    }
+    infer_calls = {}
+    for name, model in inference.items():
+        predict = tf.function(lambda x, m=model: m(x, training=False))
+        infer_calls[name] = lambda p=predict: p(images)["scores"].numpy()
+
+    # The heads alone, on precomputed image features: what the decoder itself costs.
+    features = models["hybrid_rnn"].get_layer(IMAGE_ENCODER)(images, training=False)
+    sigmoid_head = models["bce"].get_layer(SIGMOID_HEAD)
+    to_labels = models["bce"].get_layer("labels_above_half")
+    head_calls = {
+        "head bce": tf.function(lambda f: to_labels(tf.sigmoid(sigmoid_head(f)))["label_ids"]),
+        "head greedy": tf.function(lambda f: models["hybrid_rnn"].get_layer(LABEL_DECODER)(f)["label_ids"]),
+        "head beam 5": tf.function(lambda f: beam.get_layer(LABEL_DECODER)(f)["label_ids"]),
+    }
+    for name, fn in head_calls.items():
+        infer_calls[name] = lambda fn=fn: fn(features).numpy()
+
+    def timed(fn, repeats):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats
+
+    for fn in list(train_steps.values()) + list(infer_calls.values()):  # trace and warm up
+        fn()
+        fn()
+    times = {name: [] for name in list(train_steps) + list(infer_calls)}
+    for round_index in range(args.rounds):
+        for name, fn in train_steps.items():
+            times[name].append(timed(fn, args.train_steps))
+        for name, fn in infer_calls.items():
+            times[name].append(timed(fn, args.infer_calls))
+        print(f"round {round_index + 1}/{args.rounds}: "
+              + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()), flush=True)
+
+    # The minimum over rounds is the least disturbed by other processes; the median is shown too.
+    fastest = {name: float(np.min(t)) for name, t in times.items()}
+    median = {name: float(np.median(t)) for name, t in times.items()}
+    print(
+        f"\n{args.backbone} (weights=None), {args.image_size} px, batch {args.batch_size}, "
+        f"{args.num_labels} labels, max_length {args.max_length}, CPU, {args.rounds} rounds\n"
+    )
+    print("| measurement | s (min) | ratio to BCE (min) | ratio to BCE (median) | target |")
+    print("|---|---:|---:|---:|---|")
+    for name, seconds in fastest.items():
+        if name.startswith("head"):
+            continue
+        reference = "train bce" if name.startswith("train") else "infer bce"
+        ratio = seconds / fastest[reference]
+        median_ratio = median[name] / median[reference]
+        target = TARGETS.get(name)
+        verdict = "" if target is None else (
+            f"<= {target:.2f} ({'met' if max(ratio, median_ratio) <= target else 'MISSED'})"
+        )
+        print(f"| {name} | {seconds:.3f} | {ratio:.3f} | {median_ratio:.3f} | {verdict} |")
+
+    print("\nThe heads alone on precomputed image features (same batch):\n")
+    print("| head | ms (min) | % of the BCE model's inference |")
+    print("|---|---:|---:|")
+    for name in head_calls:
+        print(f"| {name[5:]} | {1000 * fastest[name]:.2f} | {100 * fastest[name] / fastest['infer bce']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
