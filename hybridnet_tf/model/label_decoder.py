@@ -176,17 +176,31 @@ class LabelDecoder(keras.layers.Layer):
         outputs = self.output_dropout(outputs, training=training)
         return self._scores_logits(outputs, image_steps)
 
-    def greedy_decode(self, image_features):
-        """Greedy decoding without repeats; see the class docstring for outputs."""
-        num_labels = self.num_labels
+    def _start_decoding(self, image_features):
+        """The state before the first step: image step input, GRU state, START tokens, masks."""
         batch = tf.shape(image_features)[0]
         image_step = self.image_to_step(image_features)
         state = self.initial_state(image_features)
-        token = tf.fill([batch], start_id(num_labels))
+        token = tf.fill([batch], start_id(self.num_labels))
         finished = tf.zeros([batch], tf.bool)
-        emitted = tf.zeros([batch, num_labels], image_step.dtype)
-        scores = tf.zeros([batch, num_labels], image_step.dtype)
+        emitted = tf.zeros([batch, self.num_labels], image_step.dtype)
         no_end_mask = tf.zeros([batch, 1], image_step.dtype)
+        return image_step, state, token, finished, emitted, no_end_mask
+
+    def _emit(self, token, emitted, finished):
+        """Records the chosen tokens: which are new labels, the emitted set, who has ended."""
+        is_label = tf.logical_and(tf.logical_not(finished), token < self.num_labels)
+        emitted += tf.one_hot(token, self.num_labels, dtype=emitted.dtype) * tf.cast(
+            is_label, emitted.dtype
+        )[:, None]
+        finished = tf.logical_or(finished, token >= end_id(self.num_labels))
+        return is_label, emitted, finished
+
+    def greedy_decode(self, image_features):
+        """Greedy decoding without repeats; see the class docstring for outputs."""
+        num_labels = self.num_labels
+        image_step, state, token, finished, emitted, no_end_mask = self._start_decoding(image_features)
+        scores = tf.zeros_like(emitted)
         label_ids = []
         for _ in range(self.max_length):  # static length: unrolled into the graph
             logits, state = self._step(token, state, image_step)
@@ -204,12 +218,8 @@ class LabelDecoder(keras.layers.Layer):
             # tf.math.argmax, not keras.ops.argmax: the latter adds a BitwiseAnd op
             # that breaks builtins-only TFLite conversion (TF-TRAPS.md).
             token = tf.cast(tf.math.argmax(logits, axis=-1), tf.int32)
-            is_label = tf.logical_and(tf.logical_not(finished), token < num_labels)
-            emitted += tf.one_hot(token, num_labels, dtype=emitted.dtype) * tf.cast(
-                is_label, emitted.dtype
-            )[:, None]
+            is_label, emitted, finished = self._emit(token, emitted, finished)
             label_ids.append(tf.where(is_label, token, -1))
-            finished = tf.logical_or(finished, token >= end_id(num_labels))
         return {
             "scores": tf.cast(scores, tf.float32),
             "label_ids": tf.stack(label_ids, axis=1),
@@ -239,25 +249,14 @@ class LabelDecoder(keras.layers.Layer):
         of each step's logits is the next input, so a loss can read the
         decoder's predictions back from these logits (`OrderlessSequenceLoss`).
         """
-        num_labels = self.num_labels
-        batch = tf.shape(image_features)[0]
-        image_step = self.image_to_step(image_features)
-        state = self.initial_state(image_features)
-        token = tf.fill([batch], start_id(num_labels))
-        finished = tf.zeros([batch], tf.bool)
-        emitted = tf.zeros([batch, num_labels], image_step.dtype)
-        no_end_mask = tf.zeros([batch, 1], image_step.dtype)
+        image_step, state, token, finished, emitted, no_end_mask = self._start_decoding(image_features)
         all_logits = []
         for _ in range(self.max_length):
             logits, state = self._step(token, state, image_step, training)
             logits = logits + _MASKED_LOGIT * tf.concat([emitted, no_end_mask], axis=-1)
             all_logits.append(logits)
             token = tf.cast(tf.math.argmax(logits, axis=-1), tf.int32)
-            is_label = tf.logical_and(tf.logical_not(finished), token < num_labels)
-            emitted += tf.one_hot(token, num_labels, dtype=emitted.dtype) * tf.cast(
-                is_label, emitted.dtype
-            )[:, None]
-            finished = tf.logical_or(finished, token >= end_id(num_labels))
+            _, emitted, finished = self._emit(token, emitted, finished)
         return tf.stack(all_logits, axis=1)
 
     def compute_output_spec(self, inputs, training=None, self_fed=False):
