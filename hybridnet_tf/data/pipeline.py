@@ -1,7 +1,8 @@
 """The tf.data pipeline: (encoded image or path, multi-hot) -> batched model inputs.
 
 Reading, decoding and resizing run in parallel (`AUTOTUNE`); training adds
-shuffling, augmentation and the decoder's label sequences.
+shuffling and augmentation. The decoder's label sequences are made from
+the multi-hot labels by the model's own `with_training_targets`.
 
 Broken files never end an epoch. `image_check` finds the usual culprits
 before training starts; whatever still reaches the pipeline is checked again
@@ -17,8 +18,6 @@ import logging
 import threading
 
 import tensorflow as tf
-
-from hybridnet_tf.model.label_sequences import decoder_inputs_from_targets, make_label_sequence
 
 logger = logging.getLogger(__name__)
 
@@ -374,20 +373,3 @@ def make_dataset(
         # mode the batches must reach them in order.
         dataset = dataset.map(augment, num_parallel_calls=None if deterministic else AUTOTUNE)
     return dataset.prefetch(AUTOTUNE)
-
-
-def with_label_sequences(dataset, label_rank, max_length):
-    """Maps `(images, multi_hot)` batches to teacher-forcing `(inputs, targets)`.
-
-    Returns a dataset of `({"image", "decoder_inputs"}, targets)` where the
-    targets come from `make_label_sequence` in the order given by `label_rank`.
-    """
-    label_rank = tf.constant(label_rank, tf.int32)
-    num_labels = int(label_rank.shape[0])
-
-    def to_sequences(images, multi_hot):
-        targets = make_label_sequence(multi_hot, label_rank, max_length)
-        inputs = {"image": images, "decoder_inputs": decoder_inputs_from_targets(targets, num_labels)}
-        return inputs, targets
-
-    return dataset.map(to_sequences, num_parallel_calls=AUTOTUNE)
