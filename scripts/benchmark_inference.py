@@ -148,11 +148,14 @@ def parity_on_val(run_dir, model, paths, threads):
     import tensorflow as tf
 
     from hybridnet_tf.evaluation.metrics import mean_average_precision
-    from hybridnet_tf.experiment import as_dataset, load_run, load_splits
+    from hybridnet_tf.run_files import load_run
+    from hybridnet_tf.data.load_splits import load_splits
+    from hybridnet_tf.experiment import as_dataset
     from hybridnet_tf.export.artifacts import load_predictor
 
     config, _, _ = load_run(run_dir)
-    _, val, _, from_files = load_splits(config["data"])
+    splits = load_splits(config["data"])
+    val, from_files = splits.val, splits.from_files
     dataset = as_dataset(val, config, False, batch_size=64, from_files=from_files)
     images = np.concatenate([x.numpy() for x, _ in dataset])
     y_true = np.concatenate([y.numpy() for _, y in dataset])
@@ -201,7 +204,8 @@ def main(argv=None):
     import keras
     import tensorflow as tf
 
-    from hybridnet_tf.experiment import image_size_of, load_run
+    from hybridnet_tf.run_files import load_run
+    from hybridnet_tf.experiment import image_size_of
     from hybridnet_tf.export import representative_images
 
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="hybridnet_benchmark_")

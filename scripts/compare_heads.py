@@ -160,7 +160,9 @@ def main():
     import keras
 
     from hybridnet_tf.config import load_config
-    from hybridnet_tf.experiment import as_dataset, load_run, load_splits, run_train
+    from hybridnet_tf.run_files import load_run
+    from hybridnet_tf.data.load_splits import load_splits
+    from hybridnet_tf.experiment import as_dataset, run_train
     from hybridnet_tf.model.hybridnet import model_head, with_training_targets
     from hybridnet_tf.model.label_sequences import rank_ordering
 
@@ -174,8 +176,9 @@ def main():
         demo_dir=os.path.join(args.work_dir, "demo_test"), demo_seed=1, demo_train=8,
         demo_val=args.test_images,
     )
-    _, test_split, _, _ = load_splits(test_config["data"])
-    _, val_split, vocabulary, _ = load_splits(base["data"])
+    test_split = load_splits(test_config["data"]).val
+    base_splits = load_splits(base["data"])
+    val_split, vocabulary = base_splits.val, base_splits.vocabulary
     if test_split.vocabulary.names != vocabulary.names:
         raise ValueError("the test split's labels differ from the training vocabulary")
     eval_batch = base["eval"]["batch_size"]

@@ -13,7 +13,7 @@ from hybridnet_tf import cli
 from hybridnet_tf.config import load_config, save_config
 from hybridnet_tf.data.pipeline import decode_and_resize, make_dataset
 from hybridnet_tf.evaluation.thresholds import load_thresholds
-from hybridnet_tf.experiment import load_splits
+from hybridnet_tf.data.load_splits import load_splits
 from hybridnet_tf.export.artifacts import load_predictor, replace_atomically
 from hybridnet_tf.export.saved_model import export_saved_model
 from hybridnet_tf.export.tflite import export_tflite
@@ -54,7 +54,8 @@ def trained(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("export")
     config = load_config(None, OVERRIDES + [f"data.demo_dir={root / 'demo'}"])
-    train, val, vocabulary, _ = load_splits(config["data"])
+    splits = load_splits(config["data"])
+    train, val, vocabulary = splits.train, splits.val, splits.vocabulary
     keras.utils.set_random_seed(0)
     model = build_model(len(vocabulary), image_size=SIZE, gru_units=32, embedding_dim=16, dropout=0.0)
     for layer in _all_layers(model):
@@ -329,7 +330,8 @@ def test_int8_matches_float_on_a_trained_demo_run(tmp_path):
     agreement and a mAP drop of 0.05 points on two such runs).
     """
     from hybridnet_tf.evaluation.metrics import mean_average_precision
-    from hybridnet_tf.experiment import as_dataset, load_run, run_train
+    from hybridnet_tf.run_files import load_run
+    from hybridnet_tf.experiment import as_dataset, run_train
     from hybridnet_tf.export import representative_images
 
     run_dir = os.environ.get("HYBRIDNET_TRAINED_RUN")
@@ -339,7 +341,7 @@ def test_int8_matches_float_on_a_trained_demo_run(tmp_path):
         config_path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
         run_train(load_config(config_path, ["train.epochs=8", f"data.demo_dir={demo}"]), run_dir, verbose=0)
     config, vocabulary, model = load_run(run_dir)
-    _, val, _, _ = load_splits(config["data"])
+    val = load_splits(config["data"]).val
     dataset = as_dataset(val, config, False, batch_size=64)
     images = np.concatenate([x.numpy() for x, _ in dataset])
     y_true = np.concatenate([y.numpy() for _, y in dataset])

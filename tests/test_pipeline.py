@@ -250,7 +250,8 @@ def test_coco128_config_loads_and_feeds_the_pipeline(coco128_dir, monkeypatch):
     from conftest import REPO_ROOT
 
     from hybridnet_tf.config import ConfigError, load_config
-    from hybridnet_tf.experiment import as_dataset, load_splits
+    from hybridnet_tf.data.load_splits import load_splits
+    from hybridnet_tf.experiment import as_dataset
 
     monkeypatch.chdir(REPO_ROOT)  # the config's data paths are relative to the repo root
     # The fixture may live elsewhere (HYBRIDNET_COCO128).
@@ -262,7 +263,8 @@ def test_coco128_config_loads_and_feeds_the_pipeline(coco128_dir, monkeypatch):
     assert config["model"]["image_size"] == 128
     with pytest.raises(ConfigError, match="model.image_size must be an integer or null"):
         load_config("configs/coco128.yaml", ["model.image_size=big"])
-    train, val, vocabulary, _ = load_splits(config["data"])
+    splits = load_splits(config["data"])
+    train, val, vocabulary = splits.train, splits.val, splits.vocabulary
     assert (len(train), len(val), len(vocabulary)) == (95, 31, 80)
     images, labels = next(iter(as_dataset(train, config, training=True, batch_size=4)))
     assert images.shape == (4, 128, 128, 3) and labels.shape == (4, 80)

@@ -35,9 +35,11 @@ def representative_images(config, count=100, seed=0):
     Returns:
         float32 [N, S, S, 3] pixels 0..255, N <= count.
     """
-    from hybridnet_tf.experiment import as_dataset, load_splits
+    from hybridnet_tf.data.load_splits import load_splits
+    from hybridnet_tf.experiment import as_dataset
 
-    train, _, _, from_files = load_splits(config["data"])
+    splits = load_splits(config["data"])
+    train, from_files = splits.train, splits.from_files
     if from_files:
         chosen = np.random.default_rng(seed).choice(len(train), min(count, len(train)), replace=False)
         train = train.subset(np.sort(chosen))
@@ -72,7 +74,8 @@ def export_run(
     Returns:
         The path written.
     """
-    from hybridnet_tf.experiment import image_size_of, load_run
+    from hybridnet_tf.run_files import load_run
+    from hybridnet_tf.experiment import image_size_of
     from hybridnet_tf.export.artifacts import run_thresholds
 
     if format not in FORMATS:

@@ -287,7 +287,8 @@ def _load_keras_file(path):
 
     import hybridnet_tf.model.label_decoder  # noqa: F401  (registers the custom layer)
     from hybridnet_tf.config import load_config
-    from hybridnet_tf.experiment import CONFIG_FILE, VOCABULARY_FILE, image_size_of
+    from hybridnet_tf.experiment import image_size_of
+    from hybridnet_tf.run_files import CONFIG_FILE, VOCABULARY_FILE
     from hybridnet_tf.export.saved_model import model_image_size
 
     directory = os.path.dirname(os.path.abspath(path))
@@ -308,7 +309,8 @@ def _load_keras_file(path):
 
 
 def _load_run(run_dir, checkpoint):
-    from hybridnet_tf.experiment import image_size_of, load_run
+    from hybridnet_tf.run_files import load_run
+    from hybridnet_tf.experiment import image_size_of
 
     config, vocabulary, model = load_run(run_dir, checkpoint=checkpoint)
     thresholds = run_thresholds(run_dir, config, vocabulary)
@@ -366,7 +368,7 @@ def load_predictor(path, checkpoint="best.keras", num_threads=None):
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        from hybridnet_tf.experiment import CONFIG_FILE
+        from hybridnet_tf.run_files import CONFIG_FILE
 
         if os.path.isfile(os.path.join(path, CONFIG_FILE)):
             return _load_run(path, checkpoint)
