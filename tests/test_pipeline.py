@@ -2,6 +2,7 @@
 
 import io
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -269,3 +270,88 @@ def test_coco128_config_loads_and_feeds_the_pipeline(coco128_dir, monkeypatch):
     images, labels = next(iter(as_dataset(train, config, training=True, batch_size=4)))
     assert images.shape == (4, 128, 128, 3) and labels.shape == (4, 80)
     assert 0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 255
+
+
+def _folder_sorted_by_label(root, labels=("apple", "bread", "cheese", "dates"), per_label=8):
+    """A folder source: label-named sub-folders, so `load_folder` lists the files grouped by label."""
+    from hybridnet_tf.data.folder_csv import load_folder
+
+    for label_index, label in enumerate(labels):
+        (root / label).mkdir()
+        _write_files(root / label, {
+            f"{i}.jpg": _noise_jpeg(seed=10 * label_index + i, size=(12, 10)) for i in range(per_label)
+        })
+    return load_folder(str(root))
+
+
+def _label_order(dataset):
+    return [int(row.argmax()) for _, y in dataset for row in y.numpy()]
+
+
+@pytest.mark.parametrize("resize, cache", [
+    ("squash", "none"), ("random_resized_crop", "none"), ("squash", "memory"), ("random_resized_crop", "memory"),
+])
+def test_file_list_sorted_by_label_is_shuffled_whole_every_epoch(tmp_path, resize, cache):
+    images = _folder_sorted_by_label(tmp_path)
+    assert _label_order([(None, tf.constant(images.labels))]) == [0] * 8 + [1] * 8 + [2] * 8 + [3] * 8
+
+    def fresh():
+        # A shuffle buffer of 4 would keep the first batches within the first label;
+        # the list of 32 files is shuffled whole regardless.
+        return make_dataset(images.to_dataset(), 8, 4, training=True, resize=resize, cache=cache,
+                            shuffle_buffer=4, seed=3, deterministic=True)
+
+    dataset = fresh()
+    epochs = [_label_order(dataset) for _ in range(3)]
+    for order in epochs:
+        assert sorted(order) == [0] * 8 + [1] * 8 + [2] * 8 + [3] * 8
+        # Labels are mixed within the first two batches (8 images).
+        assert len(set(order[:8])) >= 3, order
+    assert epochs[0] != epochs[1] != epochs[2]  # a new order every epoch
+    assert _label_order(fresh()) == epochs[0]  # seeded: a fresh dataset repeats the orders
+
+
+def test_encoded_bytes_stream_uses_the_shuffle_buffer():
+    # A stream of 32 encoded images sorted by label, as TFDS gives them (cardinality unknown).
+    encoded = [_noise_jpeg(seed=i, size=(12, 10)) for i in range(32)]
+    labels = np.repeat(np.eye(4, dtype=np.float32), 8, axis=0)
+    source = tf.data.Dataset.from_tensor_slices((encoded, labels)).filter(lambda x, y: True)
+    assert int(source.cardinality()) == tf.data.UNKNOWN_CARDINALITY
+
+    def first_labels(buffer):
+        dataset = make_dataset(source, 8, 4, training=True, from_files=False, shuffle_buffer=buffer,
+                               seed=0, deterministic=True)
+        return _label_order(dataset)
+
+    # A buffer of 2 can only swap neighbours; 32 mixes the whole stream.
+    assert set(first_labels(2)[:4]) == {0}
+    assert len(set(first_labels(32)[:8])) >= 3
+
+
+def test_cache_holds_uint8_images_and_gives_the_rounded_pixels(tmp_path):
+    source, _ = _labeled_files(tmp_path, broken=False)
+    plain = np.concatenate([x.numpy() for x, _ in make_dataset(source, 16, 2)])
+    prefix = tmp_path / "cache" / "train"
+    prefix.parent.mkdir()
+    for cache in ("memory", str(prefix), True):
+        dataset = make_dataset(source, 16, 2, cache=cache)
+        for _ in range(2):  # the second pass reads the cache
+            cached = np.concatenate([x.numpy() for x, _ in dataset])
+            assert cached.dtype == np.float32
+            np.testing.assert_array_equal(cached, np.round(plain))
+    # The file cache holds 5 uint8 images (+ labels), a quarter of their float32 size.
+    [data_file] = [p for p in prefix.parent.iterdir() if p.name.startswith("train.data")]
+    uint8_bytes = 5 * 16 * 16 * 3
+    assert uint8_bytes <= data_file.stat().st_size < 2 * uint8_bytes
+    assert np.abs(plain - np.round(plain)).max() > 0  # rounding did something to compare
+
+
+def test_cache_settings():
+    from hybridnet_tf.data.pipeline import cache_setting
+
+    assert cache_setting("none") is None and cache_setting(False) is None and cache_setting(None) is None
+    assert cache_setting("memory") == "" and cache_setting(True) == ""
+    with pytest.raises(ValueError, match=r"folder /no/such does not exist; create it or choose 'memory'"):
+        cache_setting("/no/such/cache")
+    with pytest.raises(ValueError, match="must be 'memory', 'none' or a file path"):
+        cache_setting(" ")
