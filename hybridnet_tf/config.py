@@ -35,6 +35,8 @@ DEFAULTS = {
         "tfds_name": "coco/2017",
         "tfds_data_dir": None,
         "tfds_download": False,
+        # folder with the original COCO zips (official files: TFDS checks their checksums)
+        "tfds_manual_dir": None,
         "tfds_train_split": "train",
         "tfds_val_split": "validation",
         # sources with one split: hold back this fraction as val (seeded)
@@ -45,7 +47,10 @@ DEFAULTS = {
         "missing_files": "error",
         # squash | center_crop | random_resized_crop (training; squash in eval)
         "resize": "squash",
-        "cache": False,
+        # memory | none | a file path prefix (uint8 images after resize); true/false: memory/none
+        "cache": "none",
+        # buffer of the shuffles holding image data (TFDS bytes, cached images); file lists shuffle whole
+        "shuffle_buffer": 2048,
         # training augmentation (data/augment.py); flips need train.augment_flip too
         "augment_flip": True,
         "rand_augment": False,
@@ -139,6 +144,8 @@ def _check_value(section, key, value, where):
     name = f"{section}.{key}"
     choices = CHOICES.get((section, key))
     if choices is not None:
+# Keys that take a string and, as older configs wrote them, true/false.
+STRINGS_OR_BOOLEANS = {("data", "cache")}
         if value not in choices:
             raise ConfigError(f"{where}: {name} must be one of {list(choices)}, got {value!r}")
         return value
@@ -153,6 +160,10 @@ def _check_value(section, key, value, where):
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {name} must be true or false, got {value!r}")
+    if (section, key) in STRINGS_OR_BOOLEANS:
+        if not isinstance(value, (str, bool)):
+            raise ConfigError(f"{where}: {name} must be a string or true/false, got {value!r}")
+        return value
         return value
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from hybridnet_tf.config import load_config, save_config
 from hybridnet_tf.data.labeled_images import LabeledImages
-from hybridnet_tf.data.load_splits import load_splits
+from hybridnet_tf.data.load_splits import load_split, load_splits
 from hybridnet_tf.data.pipeline import make_dataset
 from hybridnet_tf.model.backbones import BACKBONES
 from hybridnet_tf.run_files import (
@@ -54,7 +54,8 @@ def as_dataset(split, config, training, batch_size=None, from_files=True):
         from_files=from_files,
         resize=data["resize"],
         augment=augmentation_of(config) if training else None,
-        cache=data["cache"] if training else False,
+        cache=data["cache"] if training else None,
+        shuffle_buffer=data["shuffle_buffer"],
         seed=config["train"]["seed"],
     )
 
@@ -226,21 +227,17 @@ def run_evaluate(run_dir, data_config=None, split=None, threshold=None, out_dir=
         config["data"] = load_config(data_config)["data"]
     split = split or config["eval"]["split"]
     threshold = config["eval"]["threshold"] if threshold is None else threshold
-    splits = load_splits(config["data"])
-    chosen = splits.val if split == "val" else splits.train
-    if chosen is None:
-        raise ValueError(
-            f"the data config has no {split} split; set data.val_annotations / data.val_path "
-            "or data.val_fraction"
-        )
-    if splits.from_files and chosen.vocabulary.names != vocabulary.names:
+    # Only the evaluated split is read; the labels are the run's vocabulary.
+    chosen = load_split(config["data"], split, vocabulary=vocabulary)
+    if chosen.names != vocabulary.names:
         raise ValueError(
             "the evaluation data's labels differ from the model's vocabulary "
-            f"({len(chosen.vocabulary)} vs {len(vocabulary)} labels); evaluate on data "
+            f"({len(chosen.names)} vs {len(vocabulary)} labels); evaluate on data "
             "with the same categories"
         )
     dataset = as_dataset(
-        chosen, config, False, batch_size=config["eval"]["batch_size"], from_files=splits.from_files
+        chosen.examples, config, False, batch_size=config["eval"]["batch_size"],
+        from_files=chosen.from_files,
     )
     return evaluate_model(
         model,

@@ -277,7 +277,7 @@ def _folder_sorted_by_label(root, labels=("apple", "bread", "cheese", "dates"), 
     from hybridnet_tf.data.folder_csv import load_folder
 
     for label_index, label in enumerate(labels):
-        (root / label).mkdir()
+        (root / label).mkdir(parents=True)
         _write_files(root / label, {
             f"{i}.jpg": _noise_jpeg(seed=10 * label_index + i, size=(12, 10)) for i in range(per_label)
         })

@@ -71,55 +71,27 @@ def load_splits(data):
     Returns:
         A `Splits`.
     """
-    source = data["source"]
-    val = None
-    if source in ("demo", "coco_json"):
-        from hybridnet_tf.data.coco_json import load_coco_json
-
-        if source == "demo":
-            paths = ensure_demo_data(data)
-        else:
-            _require(data, "train_annotations", "train_images")
-            paths = data
-        options = dict(
-            include_crowd=data["include_crowd"],
-            keep_empty=data["keep_empty"],
-            missing_files=data["missing_files"],
-        )
-        train = load_coco_json(paths["train_annotations"], paths["train_images"], **options)
-        if paths.get("val_annotations"):
-            val = load_coco_json(
-                paths["val_annotations"],
-                paths["val_images"] or paths["train_images"],
-                vocabulary=train.vocabulary,
-                **options,
-            )
-    elif source in ("folder", "csv"):
-        from hybridnet_tf.data import folder_csv
-
-        _require(data, "train_path")
-        separator = data["label_separator"]
-        if source == "folder":
-            load = lambda path, vocabulary=None: folder_csv.load_folder(  # noqa: E731
-                path, label_separator=separator or "_", vocabulary=vocabulary
-            )
-        else:
-            load = lambda path, vocabulary=None: folder_csv.load_csv(  # noqa: E731
-                path, label_separator=separator or " ", vocabulary=vocabulary
-            )
-        train = load(data["train_path"])
-        if data["val_path"]:
-            val = load(data["val_path"], vocabulary=train.vocabulary)
-    elif source == "tfds":
+    if data["source"] == "tfds":
         return _load_tfds_splits(data)
-    else:
-        raise ValueError(f"unknown data.source {source!r}")
-
-    if val is None and data["val_fraction"] > 0:
+    train = _load_files(data, "train")
+    val = None
+    if _has_own_val(data):
+        val = _load_files(data, "val", vocabulary=train.vocabulary)
+    elif data["val_fraction"] > 0:
         from hybridnet_tf.data.splits import split_train_val
 
         train, val = split_train_val(train, data["val_fraction"], seed=data["split_seed"])
     return files_splits(train, val)
+
+
+def _has_own_val(data):
+    """Whether a file source names its own val data (else val, if any, is cut from train)."""
+    source = data["source"]
+    if source == "demo":
+        return True
+    if source == "coco_json":
+        return bool(data["val_annotations"])
+    return bool(data["val_path"])
 
 
 def files_splits(train, val=None):
@@ -136,17 +108,137 @@ def files_splits(train, val=None):
     return Splits(train, val, vocabulary, True, len(train), None if val is None else len(val))
 
 
-def _load_tfds_splits(data):
-    from hybridnet_tf.data.tfds_coco import count_label_frequencies, load_tfds_coco
+def _tfds_options(data):
+    return dict(
+        name=data["tfds_name"],
+        data_dir=data["tfds_data_dir"],
+        include_crowd=data["include_crowd"],
+        keep_empty=data["keep_empty"],
+    )
 
-    options = dict(name=data["tfds_name"], data_dir=data["tfds_data_dir"], download=data["tfds_download"])
-    train, vocabulary = load_tfds_coco(split=data["tfds_train_split"], **options)
-    val = None
+
+def _load_tfds_split(data, split, training):
+    """One TFDS split as `(dataset, vocabulary, num_examples)`; counts cached by `split_statistics`."""
+    from hybridnet_tf.data import tfds_coco
+
+    options = _tfds_options(data)
+    dataset, vocabulary = tfds_coco.load_tfds_coco(
+        split=split,
+        download=data["tfds_download"],
+        manual_dir=data["tfds_manual_dir"],
+        shuffle_files=training,
+        **options,
+    )
+    num_examples, label_counts = tfds_coco.split_statistics(split=split, **options)
+    vocabulary = LabelVocabulary(vocabulary.names, list(label_counts), vocabulary.source_ids)
+    return dataset, vocabulary, num_examples
+
+
+def _load_tfds_splits(data):
+    train, vocabulary, num_train = _load_tfds_split(data, data["tfds_train_split"], training=True)
+    val, num_val = None, None
     if data["tfds_val_split"]:
-        val, _ = load_tfds_coco(split=data["tfds_val_split"], **options)
-    frequencies = count_label_frequencies(train, len(vocabulary))
-    vocabulary = LabelVocabulary(vocabulary.names, list(frequencies), vocabulary.source_ids)
-    return Splits(train, val, vocabulary, False, int(train.cardinality()))
+        val, _, num_val = _load_tfds_split(data, data["tfds_val_split"], training=False)
+    return Splits(train, val, vocabulary, False, num_train, num_val)
+
+
+@dataclass
+class OneSplit:
+    """What `load_split` returns.
+
+    Attributes:
+        examples: `LabeledImages` (file sources) or a dataset of `(bytes, multi_hot)` (TFDS).
+        from_files: True for file sources, False for TFDS.
+        num_examples: images in `examples`.
+        names: the label names the data's multi-hot columns refer to.
+    """
+
+    examples: object
+    from_files: bool
+    num_examples: int
+    names: list
+
+
+def load_split(data, split="val", vocabulary=None):
+    """Loads only the train or the val split of a config's `data` section.
+
+    For evaluation and int8 calibration: unlike `load_splits`, it reads no
+    more than the chosen split (no check of the other split's files, no
+    pass over TFDS train for label frequencies). A val split cut from train
+    by `data.val_fraction` still needs the whole train list to cut it.
+
+    Args:
+        data: the `data` mapping of a config.
+        split: "train" or "val".
+        vocabulary: a `LabelVocabulary` to map file sources' labels onto,
+            usually the run's `vocabulary.json` (None: built from the data).
+
+    Returns:
+        A `OneSplit`.
+
+    Raises:
+        ValueError: when the config has no such split.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'val'")
+    source = data["source"]
+    if source == "tfds":
+        name = data["tfds_train_split"] if split == "train" else data["tfds_val_split"]
+        if not name:
+            raise ValueError("the data config has no val split; set data.tfds_val_split")
+        dataset, vocab, count = _load_tfds_split(data, name, training=False)
+        return OneSplit(dataset, False, count, vocab.names)
+    if _has_own_val(data):
+        images = drop_unreadable(_load_files(data, split, vocabulary), split)
+        return OneSplit(images, True, len(images), images.vocabulary.names)
+    if data["val_fraction"] > 0:
+        # Val is a seeded cut of train: both come from the whole train list.
+        splits = load_splits(data)
+        chosen = splits.val if split == "val" else splits.train
+        return OneSplit(chosen, True, len(chosen), splits.vocabulary.names)
+    if split == "val":
+        raise ValueError(
+            "the data config has no val split; set data.val_annotations / data.val_path "
+            "or data.val_fraction"
+        )
+    images = drop_unreadable(_load_files(data, split, vocabulary), split)
+    return OneSplit(images, True, len(images), images.vocabulary.names)
+
+
+def _load_files(data, split, vocabulary=None):
+    """The `LabeledImages` of one split of a file source, mapped onto `vocabulary` when given."""
+    source = data["source"]
+    if source in ("demo", "coco_json"):
+        from hybridnet_tf.data.coco_json import load_coco_json
+
+        if source == "demo":
+            paths = ensure_demo_data(data)
+        else:
+            _require(data, "train_annotations", "train_images")
+            paths = data
+        if split == "train":
+            annotations, images = paths["train_annotations"], paths["train_images"]
+        else:
+            annotations = paths["val_annotations"]
+            images = paths["val_images"] or paths["train_images"]
+        return load_coco_json(
+            annotations,
+            images,
+            vocabulary=vocabulary,
+            include_crowd=data["include_crowd"],
+            keep_empty=data["keep_empty"],
+            missing_files=data["missing_files"],
+        )
+    if source in ("folder", "csv"):
+        from hybridnet_tf.data import folder_csv
+
+        _require(data, "train_path")
+        path = data["train_path"] if split == "train" else data["val_path"]
+        separator = data["label_separator"]
+        if source == "folder":
+            return folder_csv.load_folder(path, label_separator=separator or "_", vocabulary=vocabulary)
+        return folder_csv.load_csv(path, label_separator=separator or " ", vocabulary=vocabulary)
+    raise ValueError(f"unknown data.source {source!r}")
 
 
 def ensure_demo_data(data):

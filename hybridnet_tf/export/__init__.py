@@ -35,11 +35,12 @@ def representative_images(config, count=100, seed=0):
     Returns:
         float32 [N, S, S, 3] pixels 0..255, N <= count.
     """
-    from hybridnet_tf.data.load_splits import load_splits
+    from hybridnet_tf.data.load_splits import load_split
     from hybridnet_tf.experiment import as_dataset
 
-    splits = load_splits(config["data"])
-    train, from_files = splits.train, splits.from_files
+    # Only the train split is read (no val files, no label-frequency pass).
+    chosen = load_split(config["data"], "train")
+    train, from_files = chosen.examples, chosen.from_files
     if from_files:
         chosen = np.random.default_rng(seed).choice(len(train), min(count, len(train)), replace=False)
         train = train.subset(np.sort(chosen))
