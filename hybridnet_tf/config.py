@@ -133,6 +133,8 @@ CHOICES = {
 
 # Keys whose default is None (derived elsewhere) but that take an integer.
 OPTIONAL_INTEGERS = {("model", "image_size")}
+# Keys that take a string and, as older configs wrote them, true/false.
+STRINGS_OR_BOOLEANS = {("data", "cache")}
 
 
 class ConfigError(ValueError):
@@ -144,10 +146,12 @@ def _check_value(section, key, value, where):
     name = f"{section}.{key}"
     choices = CHOICES.get((section, key))
     if choices is not None:
-# Keys that take a string and, as older configs wrote them, true/false.
-STRINGS_OR_BOOLEANS = {("data", "cache")}
         if value not in choices:
             raise ConfigError(f"{where}: {name} must be one of {list(choices)}, got {value!r}")
+        return value
+    if (section, key) in STRINGS_OR_BOOLEANS:
+        if not isinstance(value, (str, bool)):
+            raise ConfigError(f"{where}: {name} must be a string or true/false, got {value!r}")
         return value
     if default is None and (section, key) in OPTIONAL_INTEGERS:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -160,10 +164,6 @@ STRINGS_OR_BOOLEANS = {("data", "cache")}
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {name} must be true or false, got {value!r}")
-    if (section, key) in STRINGS_OR_BOOLEANS:
-        if not isinstance(value, (str, bool)):
-            raise ConfigError(f"{where}: {name} must be a string or true/false, got {value!r}")
-        return value
         return value
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
