@@ -66,19 +66,23 @@ DEFAULTS = {
         "gru_units": 256,
         "dropout": 0.2,
         "label_order": "freq2rare",
-        # hybrid_rnn (GRU decoder) | bce (sigmoid head) | hybrid (both; see hybridnet.py)
-        "head": "hybrid_rnn",
+        # hybrid (GRU decoder for label sets + sigmoid head for scores) | hybrid_rnn
+        # (GRU decoder alone) | bce (sigmoid head alone); see hybridnet.py
+        "head": "hybrid",
         # decoding: 1 = greedy; labels below min_label_score are not emitted
         "beam_width": 1,
         "min_label_score": 0.0,
         # hybrid head: scores = score_mix * sigmoid + (1 - score_mix) * decoder
-        "score_mix": 0.5,
+        "score_mix": 1.0,
         "aux_loss_weight": 1.0,
         # loss of the sigmoid head (bce, hybrid): bce | asl (Ridnik et al. 2021)
         "sigmoid_loss": "bce",
         "asl_gamma_neg": 4.0,
         "asl_gamma_pos": 0.0,
         "asl_clip": 0.05,
+        # BatchNorm of the backbone non-trainable (inference mode) in every phase;
+        # auto: when model.weights is set (pretrained), not for a backbone from scratch
+        "freeze_batch_norm": "auto",
     },
     "train": {
         "epochs": 10,
@@ -109,6 +113,16 @@ DEFAULTS = {
         "frozen_epochs": 0,
         "unfreeze_blocks": -1,
         "fine_tune_lr_factor": 0.1,
+        # optimiser steps of the frozen phase / of the trainable phase at the least:
+        # epochs of a small data set are lengthened to reach them (0: one pass per epoch)
+        "frozen_steps": 0,
+        "min_steps": 0,
+        # frozen phase on backbone features computed once (when no augmentation
+        # but flips changes pixels); false runs the backbone on every step
+        "feature_cache": True,
+        # on cached features: the sigmoid head (bce, hybrid) starts as a logistic-regression
+        # probe (scikit-learn, C by cross-validation) and stays fixed while the decoder trains
+        "probe_init": True,
     },
     "eval": {
         "threshold": 0.5,
@@ -125,6 +139,7 @@ CHOICES = {
     ("model", "label_order"): ("freq2rare", "rare2freq", "fixed", "random", "orderless"),
     ("model", "head"): ("hybrid_rnn", "bce", "hybrid"),
     ("model", "sigmoid_loss"): ("bce", "asl"),
+    ("model", "freeze_batch_norm"): ("auto", True, False),
     ("train", "jit_compile"): ("auto", True, False),
     ("train", "mixed_precision"): ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     ("train", "strategy"): ("auto", "default", "mirrored", "multi_worker", "tpu"),

@@ -82,6 +82,12 @@ MODEL_KEYS = (
 )
 
 
+def freeze_batch_norm_of(config):
+    """`model.freeze_batch_norm` resolved: "auto" is True for a pretrained backbone."""
+    value = config["model"]["freeze_batch_norm"]
+    return config["model"]["weights"] is not None if value == "auto" else value
+
+
 def build_model_from_config(config, num_labels):
     """`build_model` with the arguments of a config's `model` section."""
     from hybridnet_tf.model.hybridnet import build_model
@@ -92,7 +98,42 @@ def build_model_from_config(config, num_labels):
         backbone=model_cfg["backbone"],
         image_size=image_size_of(config),
         weights=model_cfg["weights"],
+        freeze_batch_norm=freeze_batch_norm_of(config),
         **{key: model_cfg[key] for key in MODEL_KEYS},
+    )
+
+
+def feature_cache_of(config, train_split, strategy, from_files=True):
+    """The frozen phase's `FeatureCacheInputs`, or None (with the reason printed) when it cannot cache.
+
+    Features can be cached when the backbone is frozen for a phase and no
+    augmentation but flips changes the pixels (flips become a second view).
+    """
+    from hybridnet_tf.training.distribution import is_multi_worker
+    from hybridnet_tf.training.feature_cache import FeatureCacheInputs
+
+    data, train_cfg = config["data"], config["train"]
+    if not train_cfg["feature_cache"] or train_cfg["frozen_epochs"] <= 0:
+        return None
+    changes_pixels = [
+        name
+        for name, on in (
+            ("data.rand_augment", data["rand_augment"]),
+            ("data.mixup_alpha", data["mixup_alpha"] > 0),
+            ("data.cutmix_alpha", data["cutmix_alpha"] > 0),
+            ("data.resize=random_resized_crop", data["resize"] == "random_resized_crop"),
+        )
+        if on
+    ]
+    if changes_pixels or is_multi_worker(strategy):
+        why = ", ".join(changes_pixels) or "several workers"
+        print(f"frozen phase without the feature cache ({why}): the backbone runs on every step")
+        return None
+    return FeatureCacheInputs(
+        as_dataset(train_split, config, False, batch_size=config["eval"]["batch_size"], from_files=from_files),
+        flip_views=data["augment_flip"] and train_cfg["augment_flip"],
+        seed=train_cfg["seed"],
+        probe_init=train_cfg["probe_init"],
     )
 
 
@@ -181,6 +222,10 @@ def train_on_splits(config, run_dir, splits, strategy=None, verbose="auto"):
         frozen_epochs=train_cfg["frozen_epochs"],
         unfreeze_blocks=train_cfg["unfreeze_blocks"],
         learning_rate_factor=train_cfg["fine_tune_lr_factor"],
+        frozen_steps=train_cfg["frozen_steps"],
+        min_steps=train_cfg["min_steps"],
+        feature_cache=feature_cache_of(config, splits.train, strategy, from_files),
+        freeze_batch_norm=freeze_batch_norm_of(config),
         verbose=verbose,
     )
     if val_data is not None and chief:

@@ -1,7 +1,24 @@
 """Running a HybridNet over a dataset and collecting what evaluation needs."""
 
+import weakref
+
 import numpy as np
 import tensorflow as tf
+
+# One traced inference function per model: a new tf.function per call would
+# retrace the unrolled decoder at every epoch's validation.
+_PREDICT_FUNCTIONS = weakref.WeakKeyDictionary()
+
+
+def predict_function(model):
+    """`model(images, training=False)` as a `tf.function`, made once per model."""
+    function = _PREDICT_FUNCTIONS.get(model)
+    if function is None:
+        # A weak reference, or the cached function would keep its model alive.
+        model_ref = weakref.ref(model)
+        function = tf.function(lambda images: model_ref()(images, training=False), reduce_retracing=True)
+        _PREDICT_FUNCTIONS[model] = function
+    return function
 
 
 def decoded_to_multi_hot(label_ids, num_labels):
@@ -26,7 +43,7 @@ def collect_predictions(model, dataset, max_batches=None, progress=False):
         `(y_true [N, L], scores [N, L], decoded [N, L])`, numpy float32;
         `decoded` is the 0/1 decoded label set of each image.
     """
-    predict = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    predict = predict_function(model)
     if max_batches is not None:
         dataset = dataset.take(max_batches)
     total = max_batches

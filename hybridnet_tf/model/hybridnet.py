@@ -2,13 +2,14 @@
 
 Heads (`head=`):
 
-- `hybrid_rnn` (default): the GRU label decoder of the CNN-RNN (Wang et al.,
+- `hybrid` (default): the decoder plus a sigmoid head on the same image
+  feature, trained jointly; scores are `score_mix * sigmoid + (1 - score_mix)
+  * decoder` (score_mix 1 by default: the sigmoid head ranks, the decoder
+  gives the label set).
+- `hybrid_rnn`: the GRU label decoder of the CNN-RNN (Wang et al.,
   CVPR 2016); scores and label set come from decoding.
 - `bce`: a sigmoid per label on the image feature, trained with binary
   cross-entropy or ASL; its label set is the labels with score >= 0.5.
-- `hybrid`: the decoder plus an auxiliary sigmoid head on the same image
-  feature, trained jointly; scores are `score_mix * sigmoid + (1 - score_mix)
-  * decoder`, the label set is the decoder's.
 
 `build_model` returns the inference model (image -> scores, decoded
 labels) with the same outputs for every head; `build_training_model`
@@ -34,6 +35,9 @@ from hybridnet_tf.model.sigmoid_head import ScoreMix, ScoresToLabels, SigmoidLab
 
 HEADS = ("hybrid_rnn", "bce", "hybrid")
 IMAGE_ENCODER = "image_encoder"
+FEATURE_DROPOUT = "feature_dropout"
+# The input name of models that read pooled backbone features.
+FEATURES = "features"
 LABEL_DECODER = "label_decoder"
 SIGMOID_HEAD = "sigmoid_head"
 # Keys of the training model's outputs and of the targets.
@@ -51,16 +55,17 @@ def build_model(
     gru_units=256,
     dropout=0.2,
     use_cudnn=False,
-    head="hybrid_rnn",
+    head="hybrid",
     label_order="freq2rare",
     beam_width=1,
     min_label_score=0.0,
-    score_mix=0.5,
+    score_mix=1.0,
     aux_loss_weight=1.0,
     sigmoid_loss="bce",
     asl_gamma_neg=4.0,
     asl_gamma_pos=0.0,
     asl_clip=0.05,
+    freeze_batch_norm=None,
 ):
     """Builds the HybridNet inference model.
 
@@ -76,19 +81,26 @@ def build_model(
         gru_units: GRU state size.
         dropout: dropout on the image feature and the GRU output in training.
         use_cudnn: see `LabelDecoder`.
-        head: "hybrid_rnn", "bce" or "hybrid" (see the module docstring).
+        head: "hybrid" (default), "hybrid_rnn" or "bce" (see the module docstring).
         label_order: training order of the label sequences, one of
             `label_sequences.LABEL_ORDERS` (decoder heads).
         beam_width: decoding beam width; 1 is greedy (decoder heads).
         min_label_score: decoding emits no label whose probability at that
             step is below this (decoder heads; 0 = off).
-        score_mix: `hybrid` head: weight of the sigmoid scores in `scores`.
+        score_mix: `hybrid` head: weight of the sigmoid scores in `scores`
+            (1.0, the default: scores are the sigmoid head's, the label set
+            the decoder's; on real photos the decoder's scores rank worse).
         aux_loss_weight: `hybrid` head: weight of the sigmoid loss beside
             the sequence loss.
         sigmoid_loss: "bce" or "asl", the loss of the sigmoid head
             (`bce` and `hybrid` heads).
         asl_gamma_neg, asl_gamma_pos, asl_clip: ASL parameters (see
             `losses.AsymmetricLoss`).
+        freeze_batch_norm: set the backbone's BatchNormalization layers
+            non-trainable, so they stay in inference mode with their
+            pretrained statistics in every training phase. None (default):
+            True when `weights` is given, False for a backbone trained from
+            scratch (which needs its BatchNorm to learn).
 
     Returns:
         A functional `keras.Model` from `image` [B, H, W, 3] (0..255 pixels)
@@ -110,19 +122,21 @@ def build_model(
         raise ValueError(f"unknown sigmoid_loss {sigmoid_loss!r}; choose one of {list(SIGMOID_LOSSES)}")
     image_size = image_size or BACKBONES[backbone].default_size
     backbone_model = build_backbone(backbone, image_size, weights=weights)
+    if freeze_batch_norm is None:
+        freeze_batch_norm = weights is not None
+    if freeze_batch_norm:
+        freeze_batch_norm_layers(backbone_model)
 
     image = keras.Input((image_size, image_size, 3), name="image")
-    # Pretrained BatchNorm statistics stay in inference mode even when the
-    # backbone is unfrozen for fine-tuning (the Keras fine-tuning guide).
+    # A non-trainable BatchNormalization runs in inference mode in Keras 3;
+    # `training=False` here alone would be overridden by fit (TF-TRAPS.md).
     features = backbone_model(image, training=False if weights is not None else None)
-    features = keras.layers.Dropout(dropout, name="feature_dropout")(features)
+    features = keras.layers.Dropout(dropout, name=FEATURE_DROPOUT)(features)
     image_encoder = keras.Model(image, features, name=IMAGE_ENCODER)
 
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    features = image_encoder(inputs)
-    outputs = {}
+    head_layers = {}
     if head in ("hybrid_rnn", "hybrid"):
-        decoder = LabelDecoder(
+        head_layers[LABEL_DECODER] = LabelDecoder(
             num_labels,
             max_length,
             embedding_dim=embedding_dim,
@@ -136,10 +150,8 @@ def build_model(
             dtype="float32",
             name=LABEL_DECODER,
         )
-        decoded = decoder(features)
-        outputs = {key: decoded[key] for key in ("scores", "label_ids", "num_labels")}
     if head in ("bce", "hybrid"):
-        sigmoid_head = SigmoidLabelHead(
+        head_layers[SIGMOID_HEAD] = SigmoidLabelHead(
             num_labels,
             loss=sigmoid_loss,
             asl_gamma_neg=asl_gamma_neg,
@@ -149,23 +161,80 @@ def build_model(
             dtype="float32",
             name=SIGMOID_HEAD,
         )
-        sigmoid_scores = keras.layers.Activation("sigmoid", dtype="float32", name="sigmoid")(
-            sigmoid_head(features)
+        head_layers["sigmoid"] = keras.layers.Activation("sigmoid", dtype="float32", name="sigmoid")
+    if head == "bce":
+        head_layers["labels_above_half"] = ScoresToLabels(
+            max_length, threshold=0.5, dtype="float32", name="labels_above_half"
         )
-        if head == "bce":
-            labels = ScoresToLabels(max_length, threshold=0.5, dtype="float32", name="labels_above_half")(
-                sigmoid_scores
-            )
-            outputs = {"scores": sigmoid_scores, **labels}
+    if head == "hybrid":
+        head_layers["score_mix"] = ScoreMix(score_mix, dtype="float32", name="score_mix")
+
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    return keras.Model(inputs, _head_outputs(image_encoder(inputs), head_layers), name="hybridnet")
+
+
+def _head_outputs(features, layers):
+    """Wires the head layers of `build_model` on `features`: the inference outputs dict."""
+    outputs = {}
+    if LABEL_DECODER in layers:
+        decoded = layers[LABEL_DECODER](features)
+        outputs = {key: decoded[key] for key in ("scores", "label_ids", "num_labels")}
+    if SIGMOID_HEAD in layers:
+        sigmoid_scores = layers["sigmoid"](layers[SIGMOID_HEAD](features))
+        if "labels_above_half" in layers:
+            outputs = {"scores": sigmoid_scores, **layers["labels_above_half"](sigmoid_scores)}
         else:
-            outputs["scores"] = ScoreMix(score_mix, dtype="float32", name="score_mix")(
-                [sigmoid_scores, outputs["scores"]]
-            )
-    outputs = {key: outputs[key] for key in ("scores", "label_ids", "num_labels")}
-    return keras.Model(inputs, outputs, name="hybridnet")
+            outputs["scores"] = layers["score_mix"]([sigmoid_scores, outputs["scores"]])
+    return {key: outputs[key] for key in ("scores", "label_ids", "num_labels")}
 
 
-def _layer_or_none(model, name):
+def freeze_batch_norm_layers(model):
+    """Sets `trainable = False` on every BatchNormalization inside `model` (nested models too).
+
+    Keras 3 runs a non-trainable BatchNormalization in inference mode, so
+    its moving statistics stay those of pretraining whatever `fit` passes
+    as `training`.
+
+    Returns:
+        How many layers were frozen.
+    """
+    count = 0
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+            count += 1
+    return count
+
+
+def _all_layers(model):
+    for layer in getattr(model, "layers", ()):
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+def feature_dim(model):
+    """The size of the pooled image feature the heads of `model` read."""
+    return int(model.get_layer(IMAGE_ENCODER).output.shape[-1])
+
+
+def build_head_model(model):
+    """The heads of `model` as a model from pooled features [B, D] to the inference outputs.
+
+    Shares `model`'s weights (the same layer objects). Used to score cached
+    backbone features while the backbone is frozen.
+    """
+    layers = {}
+    for name in (LABEL_DECODER, SIGMOID_HEAD, "sigmoid", "labels_above_half", "score_mix"):
+        layer = layer_or_none(model, name)
+        if layer is not None:
+            layers[name] = layer
+    features = keras.Input((feature_dim(model),), name=FEATURES)
+    return keras.Model(features, _head_outputs(features, layers), name="hybridnet_heads")
+
+
+def layer_or_none(model, name):
+    """`model.get_layer(name)`, or None when `model` has no such layer."""
     try:
         return model.get_layer(name)
     except ValueError:
@@ -174,8 +243,8 @@ def _layer_or_none(model, name):
 
 def model_head(model):
     """The head of a model from `build_model` (or its `.keras` file): "hybrid_rnn", "bce" or "hybrid"."""
-    has_decoder = _layer_or_none(model, LABEL_DECODER) is not None
-    has_sigmoid = _layer_or_none(model, SIGMOID_HEAD) is not None
+    has_decoder = layer_or_none(model, LABEL_DECODER) is not None
+    has_sigmoid = layer_or_none(model, SIGMOID_HEAD) is not None
     if has_decoder and has_sigmoid:
         return "hybrid"
     if has_decoder:
@@ -188,11 +257,14 @@ def model_head(model):
     )
 
 
-def build_training_model(model):
+def build_training_model(model, from_features=False):
     """Wraps an inference model's layers for training.
 
     Args:
         model: a model from `build_model` (or loaded from its `.keras` file).
+        from_features: take pooled backbone features [B, D] as input `features`
+            instead of images as `image` (training the heads on cached
+            features while the backbone is frozen; the feature dropout still applies).
 
     Returns:
         A functional `keras.Model` sharing `model`'s weights, from a dict
@@ -204,9 +276,14 @@ def build_training_model(model):
     """
     head = model_head(model)
     image_encoder = model.get_layer(IMAGE_ENCODER)
-    image = keras.Input(image_encoder.input.shape[1:], name="image")
-    features = image_encoder(image)
-    inputs = {"image": image}
+    if from_features:
+        image = keras.Input((feature_dim(model),), name=FEATURES)
+        features = image_encoder.get_layer(FEATURE_DROPOUT)(image)
+        inputs = {FEATURES: image}
+    else:
+        image = keras.Input(image_encoder.input.shape[1:], name="image")
+        features = image_encoder(image)
+        inputs = {"image": image}
     outputs = {}
     if head in ("hybrid_rnn", "hybrid"):
         decoder = model.get_layer(LABEL_DECODER)
@@ -252,7 +329,7 @@ def training_loss(model):
     return losses
 
 
-def with_training_targets(dataset, model, label_rank, seed=None):
+def with_training_targets(dataset, model, label_rank, seed=None, input_key="image"):
     """Maps `(images, multi_hot)` batches to `(inputs, targets)` for `build_training_model(model)`.
 
     The targets are dicts keyed like the training model's outputs:
@@ -272,6 +349,8 @@ def with_training_targets(dataset, model, label_rank, seed=None):
             (`LabelVocabulary.label_rank(rank_ordering(label_order))`); for
             `orderless` the order of the labels the decoder missed.
         seed: seed of the `random` order (None: from TF's global seed).
+        input_key: the training model's input name for the first element:
+            "image", or `FEATURES` for `build_training_model(from_features=True)`.
     """
     head = model_head(model)
     label_rank = tf.constant(label_rank, tf.int32)
@@ -279,12 +358,12 @@ def with_training_targets(dataset, model, label_rank, seed=None):
     model_labels = model.output["scores"].shape[-1]
     if model_labels != num_labels:
         raise ValueError(f"label_rank has {num_labels} labels but the model has {model_labels}")
-    decoder = _layer_or_none(model, LABEL_DECODER)
+    decoder = layer_or_none(model, LABEL_DECODER)
     label_order = decoder.label_order if decoder is not None else None
     uses_sigmoid = head in ("bce", "hybrid")
 
     def to_targets(images, multi_hot, batch_seed=None):
-        inputs, targets = {"image": images}, {}
+        inputs, targets = {input_key: images}, {}
         if label_order == "orderless":
             targets[SEQUENCE] = ranked_labels(multi_hot, label_rank)
         elif label_order is not None:

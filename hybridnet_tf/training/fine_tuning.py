@@ -2,9 +2,11 @@
 
 As in the Keras fine-tuning guide: train the new layers with the backbone
 frozen for a few epochs, then unfreeze the top K blocks (or all of it) and
-go on at a lower learning rate. BatchNormalization layers stay frozen and in
-inference mode (the model calls a pretrained backbone with
-`training=False`), so small batches do not wreck their statistics.
+go on at a lower learning rate. BatchNormalization layers of a pretrained
+backbone stay frozen (`trainable = False`, which in Keras 3 also means
+inference mode) in both phases, so small batches do not wreck their
+statistics. The frozen phase trains the heads on cached backbone features
+when it can (`feature_cache`, `head_phase`).
 
 The two phases are two `fit` calls with their own optimizers, so each has
 its own `BackupAndRestore` folder; the weights at the end of the frozen
@@ -12,12 +14,14 @@ phase are kept in `run_dir/frozen_phase.weights.h5` until the run ends, so a
 run killed during fine-tuning resumes without redoing the frozen phase.
 """
 
+import math
 import os
 import re
+import time
 
 import keras
 
-from hybridnet_tf.model.hybridnet import IMAGE_ENCODER
+from hybridnet_tf.model.hybridnet import IMAGE_ENCODER, LABEL_DECODER, SIGMOID_HEAD, layer_or_none
 from hybridnet_tf.training import distribution
 from hybridnet_tf.training.trainer import train
 
@@ -61,14 +65,17 @@ def backbone_blocks(backbone):
     return blocks
 
 
-def set_backbone_trainable(model, num_blocks):
+def set_backbone_trainable(model, num_blocks, freeze_batch_norm=True):
     """Freezes a HybridNet's backbone, or unfreezes its top blocks.
 
     Args:
         model: the inference model from `build_model`.
         num_blocks: 0 freezes the whole backbone; K > 0 unfreezes the top K
             blocks and the layers above them (e.g. `top_conv`); -1 unfreezes
-            everything. BatchNormalization layers stay frozen either way.
+            everything.
+        freeze_batch_norm: keep the BatchNormalization layers frozen (in
+            inference mode) when unfreezing; False trains them with the rest
+            (large batches, or a backbone trained from scratch).
 
     Returns:
         The number of backbone weights left trainable.
@@ -99,8 +106,14 @@ def set_backbone_trainable(model, num_blocks):
         wanted = num_blocks == -1 or block in chosen or in_head
         if stem and num_blocks != -1:
             wanted = False
-        layer.trainable = wanted and not isinstance(layer, keras.layers.BatchNormalization)
+        is_batch_norm = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = wanted and not (freeze_batch_norm and is_batch_norm)
     return sum(int(w.shape.num_elements() or 0) for w in backbone.trainable_weights)
+
+
+def _lengthened(steps_per_epoch, epochs, min_steps):
+    """Steps per epoch so that `epochs` epochs make at least `min_steps` optimiser steps."""
+    return max(steps_per_epoch, math.ceil(min_steps / max(epochs, 1))) if min_steps > 0 else steps_per_epoch
 
 
 def train_in_phases(
@@ -115,9 +128,17 @@ def train_in_phases(
     frozen_epochs=0,
     unfreeze_blocks=-1,
     learning_rate_factor=0.1,
+    frozen_steps=0,
+    min_steps=0,
+    feature_cache=None,
+    freeze_batch_norm=True,
     **train_kwargs,
 ):
     """`trainer.train` with an optional frozen-backbone phase before fine-tuning.
+
+    The frozen phase trains the heads on cached backbone features when
+    `feature_cache` is given (`head_phase.train_heads_on_features`): seconds
+    instead of a pass through the backbone per step.
 
     Args:
         model, train_data, val_data, label_rank, run_dir, steps_per_epoch,
@@ -127,36 +148,47 @@ def train_in_phases(
         unfreeze_blocks: for the second phase: -1 all, K the top K blocks.
         learning_rate_factor: the second phase's peak learning rate is
             `learning_rate * learning_rate_factor`.
-        **train_kwargs: passed on to `trainer.train`.
+        frozen_steps: optimiser steps of the frozen phase at the least; its
+            epochs are lengthened to reach it (a small data set otherwise
+            gets a few dozen steps). 0: one pass over the data per epoch.
+        min_steps: the same for the phase with the backbone trainable (or
+            for the whole run without a frozen phase).
+        feature_cache: a `feature_cache.FeatureCacheInputs` to train the
+            frozen phase on cached features, or None to run the backbone on
+            every step.
+        freeze_batch_norm: keep the backbone's BatchNormalization frozen
+            when it is unfrozen (see `set_backbone_trainable`).
+        **train_kwargs: passed on to `trainer.train` (`batch_size` is needed
+            with `feature_cache`).
 
     Returns:
         The History of the run (every epoch of both phases).
     """
     common = dict(train_data=train_data, val_data=val_data, label_rank=label_rank,
-                  run_dir=run_dir, steps_per_epoch=steps_per_epoch, **train_kwargs)
+                  run_dir=run_dir, **train_kwargs)
     if frozen_epochs <= 0:
-        # No schedule: train the model as built. (Unfreezing "all" here would
-        # freeze BatchNorm, which ruins a backbone trained from scratch.)
+        # No schedule: train the model as built. (Unfreezing "all" here keeps a
+        # backbone trained from scratch with trainable BatchNorm.)
         if unfreeze_blocks != -1:
-            set_backbone_trainable(model, unfreeze_blocks)
-        return train(model, epochs=epochs, learning_rate=learning_rate, **common)
-    if frozen_epochs >= epochs:
-        set_backbone_trainable(model, 0)
-        return train(model, epochs=epochs, learning_rate=learning_rate, **common)
-
+            set_backbone_trainable(model, unfreeze_blocks, freeze_batch_norm)
+        return train(model, epochs=epochs, learning_rate=learning_rate,
+                     steps_per_epoch=_lengthened(steps_per_epoch, epochs, min_steps), **common)
+    frozen_epochs = min(frozen_epochs, epochs)
     marker = os.path.join(run_dir, FROZEN_PHASE_WEIGHTS)
     if os.path.isfile(marker):
         print(f"frozen phase already done ({marker}); resuming the fine-tuning phase")
         model.load_weights(marker)
     else:
-        print(f"phase 1: backbone frozen for {frozen_epochs} epoch(s)")
         set_backbone_trainable(model, 0)
-        train(model, epochs=frozen_epochs, learning_rate=learning_rate, **common)
+        history = _frozen_phase(model, frozen_epochs, learning_rate, steps_per_epoch, frozen_steps,
+                                feature_cache, common)
+        if frozen_epochs == epochs:
+            return history
         if distribution.is_chief(model.distribute_strategy):
             tmp = marker.replace(".weights.h5", ".tmp.weights.h5")
             model.save_weights(tmp)
             os.replace(tmp, marker)
-    count = set_backbone_trainable(model, unfreeze_blocks)
+    count = set_backbone_trainable(model, unfreeze_blocks, freeze_batch_norm)
     which = "all blocks" if unfreeze_blocks == -1 else f"the top {unfreeze_blocks} block(s)"
     print(f"phase 2: fine-tuning {which} of the backbone ({count:,} weights) "
           f"at learning rate {learning_rate * learning_rate_factor:g}")
@@ -165,9 +197,80 @@ def train_in_phases(
         epochs=epochs,
         initial_epoch=frozen_epochs,
         learning_rate=learning_rate * learning_rate_factor,
+        steps_per_epoch=_lengthened(steps_per_epoch, epochs - frozen_epochs, min_steps),
         backup_name=FINE_TUNING_BACKUP,
         **common,
     )
     if os.path.isfile(marker) and distribution.is_chief(model.distribute_strategy):
         os.remove(marker)
+    return history
+
+
+def _frozen_phase(model, epochs, learning_rate, steps_per_epoch, frozen_steps, feature_cache, common):
+    """Phase 1: the heads trained with the backbone frozen, on cached features when possible."""
+    if feature_cache is None:
+        steps = _lengthened(steps_per_epoch, epochs, frozen_steps)
+        print(f"phase 1: backbone frozen for {epochs} epoch(s) of {steps} steps")
+        return train(model, epochs=epochs, learning_rate=learning_rate, steps_per_epoch=steps, **common)
+    from hybridnet_tf.training.feature_cache import extract_features
+    from hybridnet_tf.training.head_phase import train_heads_on_features
+
+    start = time.perf_counter()
+    train_features = extract_features(model, feature_cache.train, flip_views=feature_cache.flip_views)
+    val_features = None
+    if common["val_data"] is not None:
+        val_features = extract_features(model, common["val_data"], name="val")
+    print(f"cached {len(train_features)} feature views in {time.perf_counter() - start:.1f} s")
+    sigmoid_head = layer_or_none(model, SIGMOID_HEAD)
+    if feature_cache.probe_init and sigmoid_head is not None:
+        from hybridnet_tf.training.linear_probe import fit_linear_probe, set_sigmoid_head
+
+        start = time.perf_counter()
+        # The unflipped view only: an image and its mirror must not sit on both
+        # sides of the probe's cross-validation.
+        originals = len(train_features) // train_features.views
+        probe = fit_linear_probe(train_features.features[:originals], train_features.labels[:originals],
+                                 seed=feature_cache.seed or 0)
+        set_sigmoid_head(model, probe)
+        print(f"phase 1: sigmoid head set by a linear probe (logistic regression, C={probe.c:g}) "
+              f"in {time.perf_counter() - start:.1f} s; it stays fixed while the decoder trains")
+        if layer_or_none(model, LABEL_DECODER) is None:
+            return _save_without_training(model, common["run_dir"])
+        sigmoid_head.trainable = False
+        score_mix = layer_or_none(model, "score_mix")
+        if score_mix is not None and score_mix.sigmoid_weight == 1.0 and common.get("monitor") == "val_mAP":
+            # The scores are the fixed probe's: pick the decoder's epoch by its label sets.
+            common = {**common, "monitor": "val_decoded_OF1"}
+    batch_size = common["batch_size"]
+    steps = _lengthened(math.ceil(len(train_features) / batch_size), epochs, frozen_steps)
+    print(f"phase 1: heads on cached features for {epochs} epoch(s) of {steps} steps; "
+          f"best epoch by {common.get('monitor', 'val_mAP')}")
+    keys = ("weight_decay", "warmup_epochs", "monitor", "threshold", "verbose")
+    try:
+        return train_heads_on_features(
+            model,
+            train_features,
+            val_features,
+            common["label_rank"],
+            common["run_dir"],
+            epochs=epochs,
+            steps_per_epoch=steps,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            seed=feature_cache.seed,
+            **{key: common[key] for key in keys if key in common},
+        )
+    finally:
+        if sigmoid_head is not None:
+            sigmoid_head.trainable = True
+
+
+def _save_without_training(model, run_dir):
+    """best.keras and last.keras of a model with nothing left to train in this phase."""
+    from hybridnet_tf.training.callbacks import save_model_atomically
+
+    for name in ("best.keras", "last.keras"):
+        save_model_atomically(model, os.path.join(run_dir, name))
+    history = keras.callbacks.History()
+    history.history = {}
     return history

@@ -210,6 +210,7 @@ def compile_training_model(
     steps_per_execution=1,
     use_ema=False,
     ema_momentum=0.99,
+    from_features=False,
 ):
     """Builds and compiles the teacher-forcing model that `train` fits.
 
@@ -226,6 +227,8 @@ def compile_training_model(
         steps_per_execution: batches per `tf.function` call.
         use_ema: keep an EMA of the weights in the optimizer.
         ema_momentum: EMA momentum per step.
+        from_features: train the heads on pooled features
+            (`build_training_model(from_features=True)`).
 
     Returns:
         The compiled training model, its optimizer built.
@@ -234,11 +237,11 @@ def compile_training_model(
     with dtype_policy(model.dtype_policy.name):
         if distribution.is_multi_worker(strategy):
             # Made outside the scope on purpose: see MultiWorkerModel.
-            training_model = distribution.MultiWorkerModel(build_training_model(model))
+            training_model = distribution.MultiWorkerModel(build_training_model(model, from_features))
             training_model(training_model.wrapped.input)  # builds it
         else:
             with strategy.scope():
-                training_model = build_training_model(model)
+                training_model = build_training_model(model, from_features)
     with strategy.scope(), dtype_policy(model.dtype_policy.name):
         optimizer = keras.optimizers.AdamW(
             warmup_cosine_schedule(learning_rate, total_steps, warmup_steps),

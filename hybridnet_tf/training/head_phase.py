@@ -1,0 +1,118 @@
+"""Training the heads on cached backbone features (the frozen phase, fast).
+
+`train_heads_on_features` fits the label heads of a HybridNet on
+`feature_cache.CachedFeatures` with the same losses, optimizer, schedule,
+validation metrics and epoch log as `trainer.train`, but every step costs
+only the heads. The phase takes seconds to minutes, so it keeps its best
+weights in memory (Keras' `EarlyStopping(restore_best_weights=True)` with
+unbounded patience) instead of backing up every epoch: a run killed in
+this phase repeats it.
+
+At the end it writes `last.keras` (the last weights) and `best.keras` (the
+best weights by `monitor`, which it leaves in the model) for the whole model.
+"""
+
+import os
+
+import keras
+
+from hybridnet_tf.model.hybridnet import FEATURES, build_head_model, with_training_targets
+from hybridnet_tf.training.callbacks import (
+    RunHistoryLogger,
+    StopOnNonFiniteLoss,
+    ValidationMetrics,
+    save_model_atomically,
+)
+from hybridnet_tf.training.trainer import EPOCH_LOG, HISTORY_FILE, compile_training_model
+
+
+class _SaveAtTrainEnd(keras.callbacks.Callback):
+    """Saves the inference model when `fit` ends (before a later callback restores other weights)."""
+
+    def __init__(self, inference_model, path):
+        super().__init__()
+        self.inference_model = inference_model
+        self.path = path
+
+    def on_train_end(self, logs=None):
+        save_model_atomically(self.inference_model, self.path)
+
+
+def train_heads_on_features(
+    model,
+    train_features,
+    val_features,
+    label_rank,
+    run_dir,
+    epochs,
+    steps_per_epoch,
+    batch_size,
+    learning_rate=2e-3,
+    weight_decay=1e-4,
+    warmup_epochs=1,
+    monitor="val_mAP",
+    threshold=0.5,
+    seed=None,
+    verbose="auto",
+):
+    """Fits `model`'s heads on cached features; writes best.keras, last.keras and the epoch log.
+
+    Args:
+        model: the inference model from `build_model` (backbone frozen).
+        train_features: `CachedFeatures` of the training images.
+        val_features: `CachedFeatures` of the val images, or None.
+        label_rank: [L] decoding order of the labels.
+        run_dir: the run directory.
+        epochs: epochs of this phase.
+        steps_per_epoch: optimiser steps per epoch (the cached features repeat).
+        batch_size: examples per step.
+        learning_rate, weight_decay, warmup_epochs: AdamW with warmup and cosine decay.
+        monitor: what picks the best weights ("val_mAP", "loss", ...).
+        threshold: score threshold of the per-epoch CF1 / OF1.
+        seed: shuffle seed.
+        verbose: Keras `fit` verbosity.
+
+    Returns:
+        The `keras.callbacks.History` of the fit.
+    """
+    training_model = compile_training_model(
+        model,
+        total_steps=steps_per_epoch * epochs,
+        warmup_steps=int(round(warmup_epochs * steps_per_epoch)),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        from_features=True,
+    )
+    targets = lambda dataset: with_training_targets(  # noqa: E731
+        dataset, model, label_rank, seed=seed, input_key=FEATURES
+    )
+    train_batches = targets(train_features.to_dataset(batch_size, training=True, seed=seed)).repeat()
+    callbacks = [StopOnNonFiniteLoss()]
+    validation = None
+    if val_features is not None:
+        val_batches = val_features.to_dataset(max(batch_size, 64))
+        validation = targets(val_batches)
+        callbacks.append(ValidationMetrics(build_head_model(model), val_batches, threshold=threshold))
+    elif monitor.startswith("val_"):
+        monitor = "loss"
+    callbacks += [
+        RunHistoryLogger(os.path.join(run_dir, EPOCH_LOG), os.path.join(run_dir, HISTORY_FILE)),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), write_graph=False),
+        _SaveAtTrainEnd(model, os.path.join(run_dir, "last.keras")),
+        keras.callbacks.EarlyStopping(
+            monitor=monitor,
+            mode="min" if "loss" in monitor else "max",
+            patience=epochs + 1,
+            restore_best_weights=True,
+        ),
+    ]
+    history = training_model.fit(
+        train_batches,
+        validation_data=validation,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    save_model_atomically(model, os.path.join(run_dir, "best.keras"))
+    return history

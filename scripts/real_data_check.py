@@ -1,0 +1,237 @@
+"""The real-photo yardstick: k-fold cross-validation on coco128 against a linear probe.
+
+For each fold of the 126 labelled coco128 photos (seeded k-fold, 5 by
+default), every head named by `--heads` is trained with the recipe of
+`--config` (the same `experiment.train_on_splits` a `hybridnet-tf train`
+runs: the config's `data.val_fraction` is held back from the training folds
+for checkpoint choice and threshold tuning) and scored on the held-out fold.
+The anchor is a scikit-learn logistic-regression probe on the frozen pooled
+features of the same backbone and weights, fitted on the same images (C by
+3-fold cross-validation), its thresholds tuned on the same held-back val
+images. One table, mean ± std over folds:
+
+    mAP | CF1 / OF1 at eval.threshold | CF1 / OF1 with tuned thresholds |
+    decoded-set CF1 / OF1 | exact-set accuracy | wall seconds per fold
+
+Run from the repo root (a few minutes per head on 2 CPU cores):
+
+    .venv/bin/python scripts/real_data_check.py --config configs/coco128_lite0.yaml \
+        --out docs/results/real_data_check.json
+
+`--set key=value` overrides config keys for every head (e.g.
+`--set train.epochs=3`); `--heads bce` runs one head. The JSON holds
+every fold's numbers; the Markdown table is printed and written beside it.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+COLUMNS = (
+    ("mAP", "mAP"),
+    ("CF1", "CF1@t"),
+    ("OF1", "OF1@t"),
+    ("tuned_CF1", "CF1 tuned"),
+    ("tuned_OF1", "OF1 tuned"),
+    ("decoded_CF1", "CF1 set"),
+    ("decoded_OF1", "OF1 set"),
+    ("exact_set", "exact set"),
+    ("seconds", "s/fold"),
+)
+
+
+def default_coco128():
+    return os.environ.get("HYBRIDNET_COCO128", os.path.join(ROOT, "..", "shared", "data", "coco128"))
+
+
+def load_coco128(coco128_dir):
+    from hybridnet_tf.data.coco_json import load_coco_json
+
+    annotations = os.path.join(coco128_dir, "annotations", "instances_train2017.json")
+    if not os.path.isfile(annotations):
+        raise SystemExit(f"coco128 not found at {coco128_dir} (set HYBRIDNET_COCO128 or --data)")
+    return load_coco_json(annotations, os.path.join(coco128_dir, "train2017"))
+
+
+def fold_indices(num_images, folds, seed):
+    from sklearn.model_selection import KFold
+
+    return list(KFold(n_splits=folds, shuffle=True, random_state=seed).split(np.arange(num_images)))
+
+
+def score_set(y_true, scores, decoded, threshold, tuned):
+    """The yardstick's numbers for one model on one fold."""
+    from hybridnet_tf.evaluation.metrics import mean_average_precision, set_metrics, threshold_metrics
+
+    mean_ap, _ = mean_average_precision(y_true, scores)
+    at_threshold = threshold_metrics(y_true, scores, threshold)
+    row = {"mAP": mean_ap, "CF1": at_threshold["CF1"], "OF1": at_threshold["OF1"]}
+    if tuned is not None:
+        tuned_metrics = threshold_metrics(y_true, scores, tuned)
+        row.update(tuned_CF1=tuned_metrics["CF1"], tuned_OF1=tuned_metrics["OF1"])
+    if decoded is not None:
+        decoded_metrics = set_metrics(y_true, decoded)
+        row.update(
+            decoded_CF1=decoded_metrics["CF1"],
+            decoded_OF1=decoded_metrics["OF1"],
+            exact_set=float(np.mean(np.all(decoded == y_true, axis=1))),
+        )
+    return {key: float(value) for key, value in row.items()}
+
+
+def backbone_features(config, images):
+    """Pooled features of the config's backbone (frozen, its weights) for every image."""
+    from hybridnet_tf.experiment import as_dataset, image_size_of
+    from hybridnet_tf.model.backbones import build_backbone
+
+    backbone = build_backbone(config["model"]["backbone"], image_size_of(config), weights=config["model"]["weights"])
+    dataset = as_dataset(images, config, False, batch_size=32)
+    features, labels = [], []
+    for batch, multi_hot in dataset:
+        features.append(backbone(batch, training=False).numpy())
+        labels.append(multi_hot.numpy())
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def run_probe(config, features, labels, index_of, train_part, val_part, test_part, seed):
+    """The anchor: `linear_probe.fit_linear_probe` (one-vs-rest logistic regression on
+    standardised frozen features, one C for all labels by 3-fold CV mAP)."""
+    from hybridnet_tf.evaluation.thresholds import tune_thresholds
+    from hybridnet_tf.training.linear_probe import fit_linear_probe
+
+    start = time.perf_counter()
+    rows = lambda part: np.array([index_of[p] for p in part.paths])  # noqa: E731
+    probe = fit_linear_probe(features[rows(train_part)], labels[rows(train_part)], seed=seed)
+    predict, c = probe.scores, probe.c
+    tuned = None
+    if val_part is not None:
+        tuned = np.asarray(tune_thresholds(labels[rows(val_part)], predict(features[rows(val_part)]))["per_class"])
+    test_rows = rows(test_part)
+    row = score_set(labels[test_rows], predict(features[test_rows]), None, config["eval"]["threshold"], tuned)
+    row["seconds"] = time.perf_counter() - start
+    row["C"] = c
+    return row
+
+
+def run_head(config, splits, test_part, run_dir):
+    from hybridnet_tf.evaluation.predictions import collect_predictions
+    from hybridnet_tf.experiment import as_dataset, train_on_splits
+    from hybridnet_tf.run_files import load_run, load_run_thresholds
+
+    start = time.perf_counter()
+    train_on_splits(config, run_dir, splits, verbose=0)
+    _, vocabulary, model = load_run(run_dir)
+    dataset = as_dataset(test_part, config, False, batch_size=config["eval"]["batch_size"])
+    y_true, scores, decoded = collect_predictions(model, dataset)
+    row = score_set(y_true, scores, decoded, config["eval"]["threshold"], load_run_thresholds(run_dir, vocabulary))
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def summarise(results, names):
+    """`{name: {column: (mean, std)}}` over folds."""
+    summary = {}
+    for name in names:
+        rows = [fold[name] for fold in results if name in fold]
+        summary[name] = {
+            key: (float(np.mean([r[key] for r in rows])), float(np.std([r[key] for r in rows])))
+            for key, _ in COLUMNS
+            if rows and key in rows[0]
+        }
+    return summary
+
+
+def markdown_table(summary, folds, note):
+    header = "| model | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = [header, "|---" + "|---:" * len(COLUMNS) + "|"]
+    for name, stats in summary.items():
+        cells = []
+        for key, _ in COLUMNS:
+            if key not in stats:
+                cells.append("–")
+            elif key == "seconds":
+                cells.append(f"{stats[key][0]:.0f}")
+            else:
+                cells.append(f"{100 * stats[key][0]:.1f} ± {100 * stats[key][1]:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\n{folds}-fold mean ± std over folds. {note}\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "coco128_lite0.yaml"))
+    parser.add_argument("--set", action="append", default=[], help="config override key=value")
+    parser.add_argument("--heads", default="bce,hybrid_rnn,hybrid")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default=default_coco128(), help="the coco128 folder")
+    parser.add_argument("--out", help="JSON file for every fold's numbers (a .md table is written beside it)")
+    args = parser.parse_args(argv)
+
+    from hybridnet_tf.config import load_config
+    from hybridnet_tf.data.load_splits import files_splits
+    from hybridnet_tf.data.splits import split_train_val
+
+    base = load_config(args.config, args.set)
+    heads = [h for h in args.heads.split(",") if h]
+    images = load_coco128(args.data)
+    print(f"coco128: {len(images)} labelled images, {len(images.vocabulary)} labels; {args.folds} folds")
+    start = time.perf_counter()
+    features, labels = backbone_features(base, images)
+    index_of = {path: i for i, path in enumerate(images.paths)}
+    print(f"probe features {features.shape} in {time.perf_counter() - start:.0f} s")
+
+    results = []
+    for fold, (train_rows, test_rows) in enumerate(fold_indices(len(images), args.folds, args.seed)):
+        train_part, test_part = images.subset(train_rows), images.subset(test_rows)
+        val_part = None
+        if base["data"]["val_fraction"] > 0:
+            train_part, val_part = split_train_val(
+                train_part, base["data"]["val_fraction"], seed=base["data"]["split_seed"]
+            )
+        splits = files_splits(train_part, val_part)
+        fold_result = {
+            "probe": run_probe(base, features, labels, index_of, splits.train, splits.val, test_part, args.seed)
+        }
+        print(f"fold {fold + 1}: probe mAP {fold_result['probe']['mAP']:.3f} (C={fold_result['probe']['C']})")
+        for head in heads:
+            config = load_config(args.config, args.set + [f"model.head={head}"])
+            with tempfile.TemporaryDirectory(prefix=f"yardstick_{head}_") as run_dir:
+                fold_result[head] = run_head(config, splits, test_part, run_dir)
+            row = fold_result[head]
+            print(
+                f"fold {fold + 1}: {head} mAP {row['mAP']:.3f}  OF1@t {row['OF1']:.3f}  "
+                f"set OF1 {row['decoded_OF1']:.3f}  ({row['seconds']:.0f} s)",
+                flush=True,
+            )
+        results.append(fold_result)
+
+    total = time.perf_counter() - start
+    summary = summarise(results, ["probe"] + heads)
+    note = (
+        f"Config {os.path.relpath(args.config, ROOT)}"
+        + (f" with {' '.join(args.set)}" if args.set else "")
+        + f"; threshold t = {base['eval']['threshold']}; total wall time {total / 60:.1f} min."
+    )
+    table = markdown_table(summary, args.folds, note)
+    print("\n" + table)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"config": base, "folds": results, "summary": summary, "seconds": total}, f, indent=1)
+        with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as f:
+            f.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
