@@ -54,6 +54,7 @@ def train_heads_on_features(
     threshold=0.5,
     seed=None,
     verbose="auto",
+    extra_callbacks=(),
 ):
     """Fits `model`'s heads on cached features; writes best.keras, last.keras and the epoch log.
 
@@ -71,6 +72,7 @@ def train_heads_on_features(
         threshold: score threshold of the per-epoch CF1 / OF1.
         seed: shuffle seed.
         verbose: Keras `fit` verbosity.
+        extra_callbacks: more Keras callbacks, run after the validation metrics.
 
     Returns:
         The `keras.callbacks.History` of the fit.
@@ -95,6 +97,7 @@ def train_heads_on_features(
         callbacks.append(ValidationMetrics(build_head_model(model), val_batches, threshold=threshold))
     elif monitor.startswith("val_"):
         monitor = "loss"
+    callbacks += list(extra_callbacks)
     callbacks += [
         RunHistoryLogger(os.path.join(run_dir, EPOCH_LOG), os.path.join(run_dir, HISTORY_FILE)),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), write_graph=False),

@@ -1,0 +1,198 @@
+"""Pretrained BatchNorm stays put, cached features, the linear-probe head and the cached frozen phase."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hybridnet_tf.evaluation.metrics import mean_average_precision
+from hybridnet_tf.model.hybridnet import (
+    IMAGE_ENCODER,
+    LABEL_DECODER,
+    SIGMOID_HEAD,
+    build_head_model,
+    build_model,
+)
+from hybridnet_tf.training.feature_cache import CachedFeatures, FeatureCacheInputs, extract_features
+from hybridnet_tf.training.fine_tuning import _lengthened, train_in_phases
+from hybridnet_tf.training.head_phase import train_heads_on_features
+from hybridnet_tf.training.linear_probe import fit_linear_probe, set_sigmoid_head
+
+SMALL = dict(image_size=32, gru_units=16, embedding_dim=8)
+
+
+def images_and_labels(count=16, num_labels=4, size=32, seed=0):
+    """Images whose labels show in the pixels: label k brightens channel k % 3 of quadrant k."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.uniform(size=(count, num_labels)) < 0.5).astype(np.float32)
+    labels[labels.sum(axis=1) == 0, 0] = 1.0
+    images = rng.uniform(0, 60, (count, size, size, 3)).astype(np.float32)
+    half = size // 2
+    for i, row in enumerate(labels):
+        for k in np.flatnonzero(row):
+            y, x = divmod(k % 4, 2)
+            images[i, y * half:(y + 1) * half, x * half:(x + 1) * half, k % 3] += 180
+    return images, labels
+
+
+def dataset(images, labels, batch=8):
+    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch)
+
+
+def batch_norm_statistics(model):
+    backbone = model.get_layer(IMAGE_ENCODER).get_layer("backbone")
+    return {
+        w.path: w.numpy().copy()
+        for w in backbone.weights
+        if "moving_mean" in w.path or "moving_variance" in w.path
+    }
+
+
+@pytest.fixture
+def pretrained_weights(tmp_path):
+    """A small_cnn weights file whose BatchNorm statistics are not the initial ones."""
+    model = build_model(4, **SMALL)
+    core = model.get_layer(IMAGE_ENCODER).get_layer("backbone").get_layer("small_cnn")
+    for weight in core.weights:
+        if "moving_mean" in weight.path:
+            weight.assign(np.full(weight.shape, 3.0, np.float32))
+        if "moving_variance" in weight.path:
+            weight.assign(np.full(weight.shape, 7.0, np.float32))
+    path = str(tmp_path / "pretrained.weights.h5")
+    core.save_weights(path)
+    return path
+
+
+@pytest.mark.parametrize("frozen_epochs", [0, 1])
+def test_pretrained_batch_norm_statistics_stay_put_in_every_phase(tmp_path, pretrained_weights, frozen_epochs):
+    model = build_model(4, weights=pretrained_weights, **SMALL)
+    before = batch_norm_statistics(model)
+    assert before and all(np.all(v == 3.0) or np.all(v == 7.0) for v in before.values())
+    conv_before = model.get_layer(IMAGE_ENCODER).get_layer("backbone").get_layer("small_cnn").get_layer("conv3").kernel.numpy()
+    images, labels = images_and_labels()
+    train_in_phases(
+        model, dataset(images, labels), None, np.arange(4), str(tmp_path / "run"), steps_per_epoch=2,
+        epochs=2, learning_rate=1e-2, frozen_epochs=frozen_epochs, monitor="loss", verbose=0,
+        batch_size=8,
+    )
+    after = batch_norm_statistics(model)
+    for path, value in before.items():
+        np.testing.assert_array_equal(after[path], value, err_msg=path)
+    conv_after = model.get_layer(IMAGE_ENCODER).get_layer("backbone").get_layer("small_cnn").get_layer("conv3").kernel.numpy()
+    assert not np.array_equal(conv_before, conv_after), "the backbone itself did not train"
+
+
+def test_batch_norm_of_a_backbone_from_scratch_does_learn(tmp_path):
+    # The control: without pretrained weights the statistics move, so the test above can fail.
+    model = build_model(4, **SMALL)
+    before = batch_norm_statistics(model)
+    images, labels = images_and_labels()
+    train_in_phases(
+        model, dataset(images, labels), None, np.arange(4), str(tmp_path), steps_per_epoch=2,
+        epochs=1, learning_rate=1e-2, monitor="loss", verbose=0,
+    )
+    after = batch_norm_statistics(model)
+    assert any(not np.allclose(after[p], v) for p, v in before.items())
+
+
+def test_frozen_batch_norm_survives_a_keras_round_trip(tmp_path, pretrained_weights):
+    import keras
+
+    model = build_model(4, weights=pretrained_weights, **SMALL)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    core = loaded.get_layer(IMAGE_ENCODER).get_layer("backbone").get_layer("small_cnn")
+    assert [layer.trainable for layer in core.layers if "bn" in layer.name] == [False] * 4
+
+
+def test_extracted_features_are_the_backbones_outputs_and_mirror_views():
+    model = build_model(4, **SMALL)
+    images, labels = images_and_labels(count=10)
+    cached = extract_features(model, dataset(images, labels, batch=4), flip_views=True, progress=False)
+    backbone = model.get_layer(IMAGE_ENCODER).get_layer("backbone")
+    assert cached.features.shape == (20, 128) and cached.views == 2
+    np.testing.assert_allclose(cached.features[:10], backbone(images, training=False).numpy(), atol=1e-5)
+    mirrored = backbone(images[:, :, ::-1, :], training=False).numpy()
+    np.testing.assert_allclose(cached.features[10:], mirrored, atol=1e-5)
+    np.testing.assert_array_equal(cached.labels, np.concatenate([labels, labels]))
+
+
+@pytest.mark.parametrize("head", ["bce", "hybrid_rnn", "hybrid"])
+def test_head_model_on_features_gives_the_inference_models_outputs(head):
+    model = build_model(4, head=head, **SMALL)
+    images, _ = images_and_labels(count=3)
+    features = model.get_layer(IMAGE_ENCODER)(images, training=False)
+    whole = model(images, training=False)
+    heads = build_head_model(model)(features, training=False)
+    np.testing.assert_allclose(whole["scores"], heads["scores"], atol=1e-6)
+    np.testing.assert_array_equal(whole["label_ids"], heads["label_ids"])
+
+
+@pytest.mark.parametrize("head", ["bce", "hybrid_rnn"])
+def test_heads_trained_on_cached_features_fit_eight_examples(tmp_path, head):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(8, 128)).astype(np.float32)  # small_cnn's feature size
+    labels = np.eye(4, dtype=np.float32)[np.arange(8) % 4]
+    labels[::2, 3] = 1.0  # each even image also has label 3
+    model = build_model(4, head=head, dropout=0.0, **SMALL)
+    train_heads_on_features(
+        model, CachedFeatures(features, labels), None, np.arange(4), str(tmp_path), epochs=10,
+        steps_per_epoch=30, batch_size=8, learning_rate=1e-2, monitor="loss", verbose=0,
+    )
+    outputs = build_head_model(model)(features, training=False)
+    mean_ap, _ = mean_average_precision(labels, outputs["scores"].numpy())
+    assert mean_ap == pytest.approx(1.0)
+    assert (tmp_path / "best.keras").is_file() and (tmp_path / "last.keras").is_file()
+
+
+def test_linear_probe_ranks_separable_labels_and_sets_the_sigmoid_head():
+    rng = np.random.default_rng(0)
+    labels = (rng.uniform(size=(60, 3)) < 0.4).astype(np.float32)
+    labels[:, 2] = 0.0  # a label absent from the training images
+    features = rng.normal(size=(60, 8)).astype(np.float32)
+    features[:, :2] += 4.0 * labels[:, :2]  # labels 0 and 1 show in features 0 and 1
+    probe = fit_linear_probe(features, labels, seed=0)
+    scores = probe.scores(features)
+    assert mean_average_precision(labels[:, :2], scores[:, :2])[0] == pytest.approx(1.0)
+    assert scores[:, 2].max() < 1e-3
+    model = build_model(3, head="bce", image_size=32)
+    padded = np.pad(features, [[0, 0], [0, 120]])
+    probe_padded = fit_linear_probe(padded, labels, seed=0)
+    set_sigmoid_head(model, probe_padded)
+    heads = build_head_model(model)(padded, training=False)
+    np.testing.assert_allclose(heads["scores"].numpy(), probe_padded.scores(padded), atol=1e-5)
+
+
+def test_cached_frozen_phase_keeps_the_probe_head_and_trains_the_decoder(tmp_path, capsys, monkeypatch):
+    from hybridnet_tf.training import linear_probe
+
+    probes = []
+    real_set = linear_probe.set_sigmoid_head
+    monkeypatch.setattr(linear_probe, "set_sigmoid_head", lambda m, p: (probes.append(p), real_set(m, p)))
+    model = build_model(4, head="hybrid", **SMALL)
+    images, labels = images_and_labels(count=24)
+    train_data = dataset(images, labels)
+    decoder_before = [w.numpy().copy() for w in model.get_layer(LABEL_DECODER).weights]
+    train_in_phases(
+        model, train_data, dataset(images[:8], labels[:8]), np.arange(4), str(tmp_path), steps_per_epoch=3,
+        epochs=2, learning_rate=1e-2, frozen_epochs=2, frozen_steps=20, monitor="val_mAP", verbose=0,
+        batch_size=8, feature_cache=FeatureCacheInputs(train_data, flip_views=True, seed=0),
+    )
+    out = capsys.readouterr().out
+    assert "cached 48 feature views" in out
+    assert "2 epoch(s) of 10 steps" in out  # 20 frozen_steps over 2 epochs
+    assert "best epoch by val_decoded_OF1" in out  # the scores are the fixed probe's
+    (probe,) = probes
+    dense = model.get_layer(SIGMOID_HEAD).dense
+    np.testing.assert_array_equal(dense.kernel.numpy(), probe.kernel)  # untouched by the decoder's training
+    np.testing.assert_array_equal(dense.bias.numpy(), probe.bias)
+    assert model.get_layer(SIGMOID_HEAD).trainable  # trainable again for a later phase
+    changed = [not np.allclose(b, a.numpy()) for b, a in zip(decoder_before, model.get_layer(LABEL_DECODER).weights)]
+    assert any(changed)
+    assert (tmp_path / "best.keras").is_file()
+
+
+def test_phases_are_lengthened_to_their_minimum_steps():
+    assert _lengthened(6, 10, 0) == 6
+    assert _lengthened(6, 10, 1000) == 100
+    assert _lengthened(200, 10, 1000) == 200
