@@ -60,14 +60,19 @@ def as_dataset(split, config, training, batch_size=None, from_files=True):
     )
 
 
+def flips_of(config):
+    """Whether training flips images left-right: `data.augment_flip` and `train.augment_flip`."""
+    # train.augment_flip is the older switch, kept so old configs still load.
+    return config["data"]["augment_flip"] and config["train"]["augment_flip"]
+
+
 def augmentation_of(config):
     """The training augmentation named by `data.augment_flip`, `rand_augment`, `mixup_alpha`, `cutmix_alpha`."""
     from hybridnet_tf.data.augment import build_augmentation
 
     data = config["data"]
     return build_augmentation(
-        # train.augment_flip is the older switch, kept so old configs still load.
-        flip=data["augment_flip"] and config["train"]["augment_flip"],
+        flip=flips_of(config),
         rand_augment=data["rand_augment"],
         mixup_alpha=data["mixup_alpha"],
         cutmix_alpha=data["cutmix_alpha"],
@@ -131,7 +136,7 @@ def feature_cache_of(config, train_split, strategy, from_files=True):
         return None
     return FeatureCacheInputs(
         as_dataset(train_split, config, False, batch_size=config["eval"]["batch_size"], from_files=from_files),
-        flip_views=data["augment_flip"] and train_cfg["augment_flip"],
+        flip_views=flips_of(config),
         seed=train_cfg["seed"],
         probe_init=train_cfg["probe_init"],
     )
@@ -248,8 +253,6 @@ def _report_truncation(split, max_length, from_files):
             "(raise model.max_length to keep them)",
             too_long, len(counts), max_length - 1,
         )
-
-
 
 
 def run_evaluate(run_dir, data_config=None, split=None, threshold=None, out_dir=None):

@@ -89,17 +89,13 @@ def score_set(y_true, scores, decoded, threshold, tuned):
 
 
 def backbone_features(config, images):
-    """Pooled features of the config's backbone (frozen, its weights) for every image."""
-    from hybridnet_tf.experiment import as_dataset, image_size_of
-    from hybridnet_tf.model.backbones import build_backbone
+    """Pooled features of the config's backbone (frozen, its weights) for every image, and their labels."""
+    from hybridnet_tf.experiment import as_dataset, build_model_from_config
+    from hybridnet_tf.training.feature_cache import extract_features
 
-    backbone = build_backbone(config["model"]["backbone"], image_size_of(config), weights=config["model"]["weights"])
-    dataset = as_dataset(images, config, False, batch_size=32)
-    features, labels = [], []
-    for batch, multi_hot in dataset:
-        features.append(backbone(batch, training=False).numpy())
-        labels.append(multi_hot.numpy())
-    return np.concatenate(features), np.concatenate(labels)
+    model = build_model_from_config(config, len(images.vocabulary))
+    cached = extract_features(model, as_dataset(images, config, False, batch_size=32), progress=False)
+    return cached.features, cached.labels
 
 
 def run_probe(config, features, labels, index_of, train_part, val_part, test_part, seed):
