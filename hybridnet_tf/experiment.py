@@ -294,4 +294,5 @@ def run_evaluate(run_dir, data_config=None, split=None, threshold=None, out_dir=
         out_dir or os.path.join(run_dir, "eval"),
         threshold=threshold,
         tuned_thresholds=load_run_thresholds(run_dir, vocabulary),
+        split=split,
     )

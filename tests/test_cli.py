@@ -69,6 +69,7 @@ def test_evaluate_writes_metrics_and_report(trained_run, capsys):
                 "num_images", "num_classes_counted", "decoded_set", "tuned_thresholds"):
         assert key in metrics, key
     assert metrics["num_images"] == 32
+    assert metrics["split"] == "val"
     assert 0.0 <= metrics["mAP"] <= 1.0
     for name in ("report.md", "per_class_ap.png", "pr_curves.png", "cooccurrence.png"):
         assert os.path.getsize(os.path.join(run_dir, "eval", name)) > 1000, name
@@ -96,3 +97,19 @@ def test_config_error_exits_2_naming_the_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train.epoks" in err and str(config) in err
     assert not os.path.exists(tmp_path / "r" / "best.keras")
+
+
+def test_evaluate_printout_puts_the_returned_label_sets_first_and_marks_in_sample_thresholds():
+    from hybridnet_tf.cli import _format_metrics
+
+    row = {"CP": 0.1, "CR": 0.2, "CF1": 0.3, "OP": 0.4, "OR": 0.5, "OF1": 0.6}
+    metrics = {
+        "mAP": 0.5, "num_images": 10, "num_classes_counted": 3, "threshold": 0.5, "split": "val", **row,
+        "decoded_set": {**row, "OF1": 0.9}, "tuned_thresholds": {**row, "OF1": 0.7},
+    }
+    lines = _format_metrics(metrics).splitlines()
+    assert lines[0].startswith("mAP 50.00")
+    assert lines[1].startswith("label sets the model returns:") and lines[1].endswith("OF1 90.00")
+    assert lines[2].startswith("scores >= 0.5:") and lines[2].endswith("OF1 60.00")
+    assert lines[3].startswith("scores >= tuned thresholds (tuned on val: in-sample here):")
+    assert "in-sample" not in _format_metrics({**metrics, "split": "train"})

@@ -14,7 +14,7 @@ from hybridnet_tf.evaluation.report import write_report
 from hybridnet_tf.evaluation.thresholds import save_thresholds, tune_thresholds
 
 
-def evaluate_model(model, dataset, names, out_dir, threshold=0.5, tuned_thresholds=None):
+def evaluate_model(model, dataset, names, out_dir, threshold=0.5, tuned_thresholds=None, split=None):
     """Scores `dataset` with `model`; writes metrics.json, report.md, plots and predictions.npz.
 
     The headline metrics use the fixed `threshold` so they compare with
@@ -28,12 +28,16 @@ def evaluate_model(model, dataset, names, out_dir, threshold=0.5, tuned_threshol
         out_dir: folder for the files.
         threshold: the score threshold of the headline CF1 / OF1.
         tuned_thresholds: per-label thresholds, or None.
+        split: the name of the evaluated split, recorded as `metrics["split"]`
+            (thresholds tuned on val are in-sample on "val").
 
     Returns:
         The metrics dict.
     """
     y_true, scores, decoded = collect_predictions(model, dataset, progress=True)
     metrics = evaluate_scores(y_true, scores, threshold=threshold, names=names, decoded=decoded)
+    if split is not None:
+        metrics["split"] = split
     if tuned_thresholds is not None:
         metrics["tuned_thresholds"] = {
             k: float(v) for k, v in threshold_metrics(y_true, scores, tuned_thresholds).items()
