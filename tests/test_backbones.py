@@ -13,11 +13,13 @@ def test_unknown_backbone_lists_the_choices():
 
 
 @pytest.mark.parametrize("name, size", [("small_cnn", 32), ("efficientnet_b0", 32), ("mobilenet_v3_small", 32)])
-def test_backbones_take_raw_pixels_and_pool(name, size):
+def test_backbones_take_raw_pixels_and_return_a_spatial_map(name, size):
     model = build_backbone(name, size)
     assert model.name == "backbone"
     features = model(np.full((2, size, size, 3), 255.0, np.float32))
-    assert features.shape[0] == 2 and len(features.shape) == 2
+    # The last feature map at stride 8 (small_cnn) or 32, before any pooling.
+    stride = 8 if name == "small_cnn" else 32
+    assert features.shape[:3] == (2, size // stride, size // stride) and len(features.shape) == 4
 
 
 def test_resnet_v2_scales_pixels_to_minus1_1():

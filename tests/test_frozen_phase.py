@@ -1,5 +1,6 @@
 """Pretrained BatchNorm stays put, cached features, the linear-probe head and the cached frozen phase."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -105,23 +106,31 @@ def test_frozen_batch_norm_survives_a_keras_round_trip(tmp_path, pretrained_weig
     assert [layer.trainable for layer in core.layers if "bn" in layer.name] == [False] * 4
 
 
-def test_extracted_features_are_the_backbones_outputs_and_mirror_views():
-    model = build_model(4, **SMALL)
+@pytest.mark.parametrize("decoder", ["pooled", "attention"])
+def test_extracted_features_are_the_backbones_outputs_and_mirror_views(decoder):
+    model = build_model(4, decoder=decoder, **SMALL)
     images, labels = images_and_labels(count=10)
     cached = extract_features(model, dataset(images, labels, batch=4), flip_views=True, progress=False)
     backbone = model.get_layer(IMAGE_ENCODER).get_layer("backbone")
-    assert cached.features.shape == (20, 128) and cached.views == 2
-    np.testing.assert_allclose(cached.features[:10], backbone(images, training=False).numpy(), atol=1e-5)
+    maps = backbone(images, training=False).numpy()
     mirrored = backbone(images[:, :, ::-1, :], training=False).numpy()
+    if decoder == "pooled":  # the pooled feature; the attention decoder keeps the whole map
+        maps, mirrored = maps.mean(axis=(1, 2)), mirrored.mean(axis=(1, 2))
+    assert cached.features.shape == (20,) + maps.shape[1:] and cached.views == 2
+    np.testing.assert_allclose(cached.features[:10], maps, atol=1e-5)
     np.testing.assert_allclose(cached.features[10:], mirrored, atol=1e-5)
+    np.testing.assert_allclose(cached.pooled()[:10], backbone(images).numpy().mean(axis=(1, 2)), atol=1e-5)
     np.testing.assert_array_equal(cached.labels, np.concatenate([labels, labels]))
 
 
-@pytest.mark.parametrize("head", ["bce", "hybrid_rnn", "hybrid"])
-def test_head_model_on_features_gives_the_inference_models_outputs(head):
-    model = build_model(4, head=head, **SMALL)
+@pytest.mark.parametrize("head, decoder", [("bce", "pooled"), ("hybrid_rnn", "pooled"), ("hybrid", "pooled"),
+                                           ("hybrid_rnn", "attention"), ("hybrid", "attention")])
+def test_head_model_on_features_gives_the_inference_models_outputs(head, decoder):
+    model = build_model(4, head=head, decoder=decoder, **SMALL)
     images, _ = images_and_labels(count=3)
-    features = model.get_layer(IMAGE_ENCODER)(images, training=False)
+    features = model.get_layer(IMAGE_ENCODER).get_layer("backbone")(images, training=False)
+    if decoder == "pooled":
+        features = keras.ops.mean(features, axis=(1, 2))
     whole = model(images, training=False)
     heads = build_head_model(model)(features, training=False)
     np.testing.assert_allclose(whole["scores"], heads["scores"], atol=1e-6)

@@ -52,9 +52,11 @@ def _next_probs(decoder, image_features, prefix):
 
 def _reference_greedy(decoder, image_features, min_label_score=0.0):
     prefix, scores = [], np.zeros(NUM_LABELS)
-    for _ in range(decoder.max_length):
+    for step in range(decoder.max_length):
         probs = _next_probs(decoder, image_features, prefix)
         scores = np.maximum(scores, probs[:NUM_LABELS])
+        if step == decoder.max_length - 1:
+            break  # the last step can only be END
         choice = probs.copy()
         choice[:NUM_LABELS][probs[:NUM_LABELS] < min_label_score] = 0.0
         choice[prefix] = 0.0
@@ -87,10 +89,10 @@ def test_greedy_matches_a_step_by_step_reference(min_label_score):
 
 
 def _all_sequences(max_length):
-    """Every legal token sequence: distinct labels then END, or max_length labels."""
-    for size in range(max_length + 1):
+    """Every legal token sequence: up to max_length - 1 distinct labels, then END."""
+    for size in range(max_length):
         for labels in itertools.permutations(range(NUM_LABELS), size):
-            yield list(labels) + ([END] if size < max_length else [])
+            yield list(labels) + [END]
 
 
 def _brute_force(decoder, image_features, min_label_score=0.0):
@@ -117,7 +119,7 @@ def _brute_force(decoder, image_features, min_label_score=0.0):
 
 @pytest.mark.parametrize("min_label_score", [0.0, 0.4])
 def test_wide_beam_equals_brute_force_enumeration(min_label_score):
-    # 41 legal sequences of 4 labels and length 3 fit in a beam of 48: the search is exact.
+    # 17 legal sequences of 4 labels and length 3 fit in a beam of 48: the search is exact.
     decoder, features = _tiny_decoder(max_length=3, beam_width=48, min_label_score=min_label_score)
     out = decoder(features)
     for row in range(features.shape[0]):
@@ -136,7 +138,7 @@ def _reference_beam(decoder, image_features, width):
     """Beam search by the documented rules, in plain Python."""
     beams = [([], 0.0, False)]  # (tokens, log prob, finished)
     scores = np.zeros(NUM_LABELS)
-    for _ in range(decoder.max_length):
+    for step in range(decoder.max_length):
         candidates = []
         for index, (tokens, log_prob, finished) in enumerate(beams):
             if finished:
@@ -146,7 +148,7 @@ def _reference_beam(decoder, image_features, width):
             probs = _next_probs(decoder, image_features, labels)
             scores = np.maximum(scores, probs[:NUM_LABELS])
             for token in range(NUM_LABELS + 1):
-                if token in labels:
+                if token in labels or (step == decoder.max_length - 1 and token != END):
                     continue
                 candidates.append(
                     (log_prob + np.log(probs[token]), index * (NUM_LABELS + 1) + token,
@@ -190,7 +192,8 @@ def test_self_fed_run_without_dropout_is_the_greedy_decode():
     decoder, features = _tiny_decoder(max_length=4, seed=5)
     logits = decoder(features, self_fed=True).numpy()
     greedy = decoder.greedy_decode(features)["label_ids"].numpy()
-    tokens = logits.argmax(-1)
+    # Greedy's last step is forced to END; the self-fed run's is left to the loss.
+    tokens = logits.argmax(-1)[:, :-1]
     for row_tokens, row_greedy in zip(tokens, greedy):
         labels = []
         for token in row_tokens:
@@ -214,3 +217,50 @@ def test_config_round_trip_and_argument_checks():
         LabelDecoder(5, 4, label_order="alphabetical")
     assert isinstance(keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(decoder)),
                       LabelDecoder)
+
+
+def test_decoding_stops_at_max_length_minus_one_labels():
+    # END made nearly impossible: greedy and beam still close every sequence
+    # with END at the last step, so no decode is longer than training's.
+    for beam_width in (1, 3):
+        decoder, features = _tiny_decoder(max_length=4, seed=6, beam_width=beam_width)
+        bias = decoder.output_bias.numpy()
+        bias[END] = -50.0
+        decoder.output_bias.assign(bias)
+        out = decoder(features)
+        assert (out["num_labels"].numpy() == 3).all()
+        assert (out["label_ids"].numpy()[:, -1] == -1).all()
+
+
+def _table_step(table):
+    """A decoder step from a probability table [step, previous token, next token]; state counts steps."""
+    log_table = tf.math.log(tf.constant(table, tf.float32))
+
+    def step(tokens, state, context):
+        index = tf.cast(state[:, 0], tf.int32)
+        logits = tf.gather_nd(log_table, tf.stack([index, tokens], axis=-1))
+        return logits, state + 1.0
+
+    return step
+
+
+def test_full_length_beams_pay_for_their_end_like_finished_ones():
+    # Labels a, b, c (0..2), END 3, START 4, max_length 3. [a, b] is likely
+    # but its END is not (1e-4): a sequence's score must include that END,
+    # so [c] (0.4 * 0.9) beats [a, b] (0.5 * 0.9 * 1e-4), whereas leaving
+    # the full-length beam open would have kept [a, b, c] (0.5 * 0.9 * 1.0).
+    table = np.full((3, 5, 4), 1e-3)
+    table[0, 4] = [0.5, 0.05, 0.4, 0.05]
+    table[1, 0] = [1e-3, 0.9, 0.05, 0.05]
+    table[1, 2] = [0.05, 0.05, 1e-3, 0.9]
+    table[2, 1] = [0.4, 1e-3, 0.6, 1e-4]
+    out = beam_search(
+        _table_step(table / table.sum(-1, keepdims=True)),
+        tf.zeros([1, 1]),
+        tf.zeros([1, 1]),
+        num_labels=3,
+        max_length=3,
+        beam_width=4,
+        start_token=4,
+    )
+    assert out["label_ids"].numpy().tolist() == [[2, -1, -1]]

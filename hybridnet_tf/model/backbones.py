@@ -2,7 +2,9 @@
 
 Every backbone takes images with pixel values 0..255 and applies its own
 preprocessing inside the model, so callers (tf.data, exports, apps) always
-feed raw pixels.
+feed raw pixels. Every backbone returns its last spatial feature map
+[B, h, w, C]; `hybridnet.build_model` pools it for the pooled heads and
+hands the map itself to the attention decoder.
 """
 
 import os
@@ -40,7 +42,8 @@ def small_cnn(input_shape, weights=None):
         weights: must be None or a `.weights.h5` path saved from this model.
 
     Returns:
-        A `keras.Model` mapping 0..255 pixels to a pooled 128-d feature.
+        A `keras.Model` mapping 0..255 pixels to a 128-channel feature map
+        at 1/8 of the input size.
     """
     inputs = keras.Input(input_shape)
     x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
@@ -50,7 +53,6 @@ def small_cnn(input_shape, weights=None):
         x = keras.layers.Activation("relu")(x)
         if index < 3:
             x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
     model = keras.Model(inputs, x, name="small_cnn")
     if weights is not None:
         load_weights_file(model, weights)
@@ -63,7 +65,7 @@ def _efficientnet_lite(variant):
         from hybridnet_tf.model.efficientnet_lite import EfficientNetLite
 
         return EfficientNetLite(
-            variant, include_top=False, weights=weights, input_shape=input_shape, pooling="avg"
+            variant, include_top=False, weights=weights, input_shape=input_shape, pooling=None
         )
 
     return build
@@ -120,7 +122,7 @@ def _keras_models_dir():
 
 
 def build_backbone(name, image_size, weights=None):
-    """Builds a named backbone as a model from 0..255 pixels to a pooled feature vector.
+    """Builds a named backbone as a model from 0..255 pixels to its last feature map.
 
     Args:
         name: a key of `BACKBONES`.
@@ -130,11 +132,11 @@ def build_backbone(name, image_size, weights=None):
             weights file.
 
     Returns:
-        A `keras.Model` named "backbone".
+        A `keras.Model` named "backbone" with output [B, h, w, C].
 
     Example:
         >>> build_backbone("small_cnn", 32).output.shape
-        (None, 128)
+        (None, 4, 4, 128)
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
@@ -143,7 +145,7 @@ def build_backbone(name, image_size, weights=None):
     if spec.constructor.__module__.startswith("keras"):
         if isinstance(weights, str) and weights != "imagenet" and spec.imagenet_file:
             weights = _as_keras_imagenet_file(weights, spec.imagenet_file)
-        kwargs = {"include_top": False, "input_shape": input_shape, "pooling": "avg"}
+        kwargs = {"include_top": False, "input_shape": input_shape, "pooling": None}
         if weights in (None, "imagenet"):
             core = spec.constructor(weights=weights, **kwargs)
         else:

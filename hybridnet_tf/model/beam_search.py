@@ -7,8 +7,11 @@ and no multi-output op such as `top_k` (see `sorted_top_k`).
 
 Search rules (the same as greedy decoding, which is beam width 1):
 
-- A sequence is a list of distinct labels closed by END, or `max_length`
-  labels without END. Its score is the sum of the log-probabilities of its
+- A sequence is a list of distinct labels closed by END, at most
+  `max_length - 1` labels: the last step can only emit END (training
+  sequences never hold more), so every hypothesis that reaches it pays
+  END's probability like those that ended earlier, and full-length and
+  shorter sequences are ranked on the same terms. Its score is the sum of the log-probabilities of its
   tokens, each from the softmax over the labels not yet emitted and END
   (the decoder's no-repeat mask). There is no length normalisation: END's
   own probability is part of the score, so sets of different sizes compete
@@ -17,7 +20,8 @@ Search rules (the same as greedy decoding, which is beam width 1):
   `min_label_score` (END always can): greedy therefore stops when the most
   likely label falls below it.
 - A finished sequence stays in the beam with its score and competes with
-  the open ones; after `max_length` steps the highest-scoring sequence wins.
+  the open ones; after `max_length` steps (all finished) the
+  highest-scoring sequence wins.
 - Per-label scores: a label's score is the highest probability it received
   at any step of any beam that was open at that step (not yet finished,
   up to and including the step where that beam emitted END). With width 1
@@ -82,7 +86,8 @@ def beam_search(
         step: `step(tokens [N], state [N, U], context [N, C]) -> (logits [N, L+1], state)`,
             one decoder step for N = B * beam_width hypotheses.
         initial_state: [B, U] decoder state before the first step.
-        context: [B, C] per-image input to every step (e.g. the image feature).
+        context: per-image input to every step: a [B, ...] tensor (e.g. the
+            image feature) or a nest of them (tiled per beam alike).
         num_labels: `L`; token `L` is END.
         max_length: decoding steps, END included.
         beam_width: hypotheses kept per image (`K`).
@@ -101,7 +106,7 @@ def beam_search(
     batch = tf.shape(initial_state)[0]
     dtype = initial_state.dtype
     state = _tile_beams(initial_state, width)
-    context = _tile_beams(context, width)
+    context = tf.nest.map_structure(lambda tensor: _tile_beams(tensor, width), context)
     tokens = tf.fill([batch * width], start_token)
     # Only beam 0 is alive at the start; the others are dead and finished.
     first = tf.constant([0.0] + [_DEAD] * (width - 1), dtype)
@@ -123,6 +128,8 @@ def beam_search(
         scores = tf.maximum(scores, tf.reduce_max(beam_probs, axis=1))
 
         allowed = tf.concat([emitted < 0.5, tf.ones([batch * width, 1], tf.bool)], axis=-1)
+        if index == max_length - 1:
+            allowed = tf.logical_and(allowed, end_column[None, :])
         if min_label_score > 0:
             allowed = tf.logical_and(
                 allowed,

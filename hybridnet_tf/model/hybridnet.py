@@ -11,6 +11,10 @@ Heads (`head=`):
 - `bce`: a sigmoid per label on the image feature, trained with binary
   cross-entropy or ASL; its label set is the labels with score >= 0.5.
 
+Decoders (`decoder=`, decoder heads): `pooled` reads the pooled image
+feature at every step; `attention` attends over the backbone's spatial map
+at every step (`attention_decoder.AttentionLabelDecoder`).
+
 `build_model` returns the inference model (image -> scores, decoded
 labels) with the same outputs for every head; `build_training_model`
 wraps the same layers for training, `training_loss` gives its loss and
@@ -21,6 +25,7 @@ weights, so training one trains the other.
 import keras
 import tensorflow as tf
 
+from hybridnet_tf.model.attention_decoder import AttentionLabelDecoder
 from hybridnet_tf.model.backbones import BACKBONES, build_backbone
 from hybridnet_tf.model.label_decoder import LabelDecoder
 from hybridnet_tf.model.label_sequences import (
@@ -34,9 +39,12 @@ from hybridnet_tf.model.losses import SIGMOID_LOSSES, OrderlessSequenceLoss, sig
 from hybridnet_tf.model.sigmoid_head import ScoreMix, ScoresToLabels, SigmoidLabelHead
 
 HEADS = ("hybrid_rnn", "bce", "hybrid")
+DECODERS = ("pooled", "attention")
 IMAGE_ENCODER = "image_encoder"
+POOL = "pool"
 FEATURE_DROPOUT = "feature_dropout"
-# The input name of models that read pooled backbone features.
+# The input name of models that read backbone features (pooled [B, D], or
+# the spatial map [B, h, w, C] for the attention decoder).
 FEATURES = "features"
 LABEL_DECODER = "label_decoder"
 SIGMOID_HEAD = "sigmoid_head"
@@ -66,6 +74,9 @@ def build_model(
     asl_gamma_pos=0.0,
     asl_clip=0.05,
     freeze_batch_norm=None,
+    decoder="pooled",
+    attention_units=128,
+    attention_gate=False,
 ):
     """Builds the HybridNet inference model.
 
@@ -101,6 +112,8 @@ def build_model(
             pretrained statistics in every training phase. None (default):
             True when `weights` is given, False for a backbone trained from
             scratch (which needs its BatchNorm to learn).
+        decoder: "pooled" or "attention" (decoder heads; see the module docstring).
+        attention_units, attention_gate: see `AttentionLabelDecoder`.
 
     Returns:
         A functional `keras.Model` from `image` [B, H, W, 3] (0..255 pixels)
@@ -118,6 +131,8 @@ def build_model(
         raise ValueError(f"unknown head {head!r}; choose one of {list(HEADS)}")
     if label_order not in LABEL_ORDERS:
         raise ValueError(f"unknown label_order {label_order!r}; choose one of {list(LABEL_ORDERS)}")
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; choose one of {list(DECODERS)}")
     if sigmoid_loss not in SIGMOID_LOSSES:
         raise ValueError(f"unknown sigmoid_loss {sigmoid_loss!r}; choose one of {list(SIGMOID_LOSSES)}")
     image_size = image_size or BACKBONES[backbone].default_size
@@ -130,13 +145,21 @@ def build_model(
     image = keras.Input((image_size, image_size, 3), name="image")
     # A non-trainable BatchNormalization runs in inference mode in Keras 3;
     # `training=False` here alone would be overridden by fit (TF-TRAPS.md).
-    features = backbone_model(image, training=False if weights is not None else None)
+    feature_map = backbone_model(image, training=False if weights is not None else None)
+    features = keras.layers.GlobalAveragePooling2D(name=POOL)(feature_map)
     features = keras.layers.Dropout(dropout, name=FEATURE_DROPOUT)(features)
-    image_encoder = keras.Model(image, features, name=IMAGE_ENCODER)
+    attends = decoder == "attention" and head in ("hybrid_rnn", "hybrid")
+    # The attention decoder reads the map; everything else the pooled feature.
+    encoded = [features, feature_map] if attends else features
+    image_encoder = keras.Model(image, encoded, name=IMAGE_ENCODER)
 
     head_layers = {}
     if head in ("hybrid_rnn", "hybrid"):
-        head_layers[LABEL_DECODER] = LabelDecoder(
+        decoder_class, extra = LabelDecoder, {}
+        if attends:
+            decoder_class = AttentionLabelDecoder
+            extra = {"attention_units": attention_units, "attention_gate": attention_gate}
+        head_layers[LABEL_DECODER] = decoder_class(
             num_labels,
             max_length,
             embedding_dim=embedding_dim,
@@ -149,6 +172,7 @@ def build_model(
             # Probabilities and the GRU stay float32 under mixed precision.
             dtype="float32",
             name=LABEL_DECODER,
+            **extra,
         )
     if head in ("bce", "hybrid"):
         head_layers[SIGMOID_HEAD] = SigmoidLabelHead(
@@ -173,11 +197,19 @@ def build_model(
     return keras.Model(inputs, _head_outputs(image_encoder(inputs), head_layers), name="hybridnet")
 
 
-def _head_outputs(features, layers):
-    """Wires the head layers of `build_model` on `features`: the inference outputs dict."""
+def _split_encoded(encoded):
+    """(pooled features, what the decoder reads) from an image encoder's output."""
+    if isinstance(encoded, (list, tuple)):
+        return encoded[0], encoded[1]
+    return encoded, encoded
+
+
+def _head_outputs(encoded, layers):
+    """Wires the head layers of `build_model` on the encoder's output: the inference outputs dict."""
+    features, decoder_input = _split_encoded(encoded)
     outputs = {}
     if LABEL_DECODER in layers:
-        decoded = layers[LABEL_DECODER](features)
+        decoded = layers[LABEL_DECODER](decoder_input)
         outputs = {key: decoded[key] for key in ("scores", "label_ids", "num_labels")}
     if SIGMOID_HEAD in layers:
         sigmoid_scores = layers["sigmoid"](layers[SIGMOID_HEAD](features))
@@ -215,22 +247,69 @@ def _all_layers(model):
 
 def feature_dim(model):
     """The size of the pooled image feature the heads of `model` read."""
-    return int(model.get_layer(IMAGE_ENCODER).output.shape[-1])
+    return int(model.get_layer(IMAGE_ENCODER).get_layer(POOL).output.shape[-1])
+
+
+def model_decoder(model):
+    """"attention" when `model`'s decoder attends over the spatial map, else "pooled"."""
+    return "attention" if isinstance(layer_or_none(model, LABEL_DECODER), AttentionLabelDecoder) else "pooled"
+
+
+def head_input_shape(model):
+    """Shape (no batch) of the backbone output the heads need: [D], or [h, w, C] with attention.
+
+    What a feature cache keeps per image: with the attention decoder the
+    whole map (the pooled feature is its mean), else the pooled feature.
+    """
+    encoder = model.get_layer(IMAGE_ENCODER)
+    if model_decoder(model) == "attention":
+        return tuple(int(d) for d in encoder.get_layer("backbone").output.shape[1:])
+    return (feature_dim(model),)
+
+
+def _encode_head_input(model, head_input):
+    """The encoder's output (after the backbone) computed from `head_input_shape` features."""
+    encoder = model.get_layer(IMAGE_ENCODER)
+    dropout = encoder.get_layer(FEATURE_DROPOUT)
+    if model_decoder(model) == "attention":
+        return [dropout(encoder.get_layer(POOL)(head_input)), head_input]
+    return dropout(head_input)
 
 
 def build_head_model(model):
-    """The heads of `model` as a model from pooled features [B, D] to the inference outputs.
+    """The heads of `model` as a model from backbone features (`head_input_shape`) to its outputs.
 
     Shares `model`'s weights (the same layer objects). Used to score cached
     backbone features while the backbone is frozen.
     """
-    layers = {}
-    for name in (LABEL_DECODER, SIGMOID_HEAD, "sigmoid", "labels_above_half", "score_mix"):
-        layer = layer_or_none(model, name)
-        if layer is not None:
-            layers[name] = layer
-    features = keras.Input((feature_dim(model),), name=FEATURES)
-    return keras.Model(features, _head_outputs(features, layers), name="hybridnet_heads")
+    features = keras.Input(head_input_shape(model), name=FEATURES)
+    outputs = _head_outputs(_encode_head_input(model, features), _head_layers(model))
+    return keras.Model(features, outputs, name="hybridnet_heads")
+
+
+def _head_layers(model):
+    names = (LABEL_DECODER, SIGMOID_HEAD, "sigmoid", "labels_above_half", "score_mix")
+    return {name: model.get_layer(name) for name in names if layer_or_none(model, name) is not None}
+
+
+def with_attention_output(model):
+    """`model` (attention decoder) with one more output, `attention` [B, max_length, h, w].
+
+    Step t's map is where the decoder looked when it emitted `label_ids[:, t]`
+    (see `AttentionLabelDecoder.attention_maps`). Shares `model`'s weights;
+    the serving exports leave this output out unless asked.
+    """
+    if model_decoder(model) != "attention":
+        raise ValueError(
+            f"model {model.name!r} has no attention decoder (model.decoder: attention); "
+            "its maps can come from Grad-CAM instead"
+        )
+    image = keras.Input(model.input.shape[1:], name="image")
+    encoded = model.get_layer(IMAGE_ENCODER)(image)
+    outputs = _head_outputs(encoded, _head_layers(model))
+    feature_map = encoded[1]
+    outputs["attention"] = model.get_layer(LABEL_DECODER)(feature_map, attention_for=outputs["label_ids"])
+    return keras.Model(image, outputs, name="hybridnet_with_attention")
 
 
 def layer_or_none(model, name):
@@ -262,7 +341,7 @@ def build_training_model(model, from_features=False):
 
     Args:
         model: a model from `build_model` (or loaded from its `.keras` file).
-        from_features: take pooled backbone features [B, D] as input `features`
+        from_features: take backbone features (`head_input_shape`) as input `features`
             instead of images as `image` (training the heads on cached
             features while the backbone is frozen; the feature dropout still applies).
 
@@ -277,22 +356,23 @@ def build_training_model(model, from_features=False):
     head = model_head(model)
     image_encoder = model.get_layer(IMAGE_ENCODER)
     if from_features:
-        image = keras.Input((feature_dim(model),), name=FEATURES)
-        features = image_encoder.get_layer(FEATURE_DROPOUT)(image)
+        image = keras.Input(head_input_shape(model), name=FEATURES)
+        encoded = _encode_head_input(model, image)
         inputs = {FEATURES: image}
     else:
         image = keras.Input(image_encoder.input.shape[1:], name="image")
-        features = image_encoder(image)
+        encoded = image_encoder(image)
         inputs = {"image": image}
+    features, decoder_input = _split_encoded(encoded)
     outputs = {}
     if head in ("hybrid_rnn", "hybrid"):
         decoder = model.get_layer(LABEL_DECODER)
         if decoder.label_order == "orderless":
-            outputs[SEQUENCE] = decoder(features, self_fed=True)
+            outputs[SEQUENCE] = decoder(decoder_input, self_fed=True)
         else:
             decoder_inputs = keras.Input((decoder.max_length,), dtype="int32", name="decoder_inputs")
             inputs["decoder_inputs"] = decoder_inputs
-            outputs[SEQUENCE] = decoder([features, decoder_inputs])
+            outputs[SEQUENCE] = decoder([decoder_input, decoder_inputs])
     if head in ("bce", "hybrid"):
         outputs[LABELS] = model.get_layer(SIGMOID_HEAD)(features)
     return keras.Model(inputs, outputs, name="hybridnet_training")

@@ -155,13 +155,22 @@ class LabelDecoder(keras.layers.Layer):
             return self.greedy_decode(inputs)
         return self.beam_decode(inputs)
 
-    def _step(self, token, state, image_step, training=None):
+    def _image_context(self, image_features):
+        """The decoder's view of the image: (GRU state before the first step, per-step context).
+
+        The pooled decoder feeds the same projected image feature [B, E] to
+        every step; subclasses (the attention decoder) return other contexts,
+        any nest of [B, ...] tensors, which beam search tiles per beam.
+        """
+        return self.initial_state(image_features), self.image_to_step(image_features)
+
+    def _step(self, token, state, context, training=None):
         """One decoder step: logits [N, L+1] of the next token and the new state."""
-        step_input = tf.concat([self.label_embedding(token), image_step], axis=-1)
+        step_input = tf.concat([self.label_embedding(token), context], axis=-1)
         output, state = self.gru.cell(step_input, state, training=training)
         if training:
             output = self.output_dropout(output, training=training)
-        return self._scores_logits(output, image_step), state
+        return self._scores_logits(output, context), state
 
     def teacher_forcing_logits(self, image_features, decoder_inputs, training=None):
         """Logits [B, T, L+1] of each next token given the true previous ones."""
@@ -177,15 +186,22 @@ class LabelDecoder(keras.layers.Layer):
         return self._scores_logits(outputs, image_steps)
 
     def _start_decoding(self, image_features):
-        """The state before the first step: image step input, GRU state, START tokens, masks."""
-        batch = tf.shape(image_features)[0]
-        image_step = self.image_to_step(image_features)
-        state = self.initial_state(image_features)
+        """The state before the first step: GRU state, step context, START tokens, masks."""
+        state, context = self._image_context(image_features)
+        batch = tf.shape(state)[0]
         token = tf.fill([batch], start_id(self.num_labels))
         finished = tf.zeros([batch], tf.bool)
-        emitted = tf.zeros([batch, self.num_labels], image_step.dtype)
-        no_end_mask = tf.zeros([batch, 1], image_step.dtype)
-        return image_step, state, token, finished, emitted, no_end_mask
+        emitted = tf.zeros([batch, self.num_labels], state.dtype)
+        no_end_mask = tf.zeros([batch, 1], state.dtype)
+        return state, context, token, finished, emitted, no_end_mask
+
+    def _end_only_mask(self, batch, dtype):
+        """[N, L+1] mask of every label: added at the last step, it leaves END as the only choice.
+
+        Training sequences hold at most `max_length - 1` labels, so the last
+        step is always END; forcing it keeps decoding within what was trained.
+        """
+        return tf.concat([tf.ones([batch, self.num_labels], dtype), tf.zeros([batch, 1], dtype)], -1)
 
     def _emit(self, token, emitted, finished):
         """Records the chosen tokens: which are new labels, the emitted set, who has ended."""
@@ -199,11 +215,11 @@ class LabelDecoder(keras.layers.Layer):
     def greedy_decode(self, image_features):
         """Greedy decoding without repeats; see the class docstring for outputs."""
         num_labels = self.num_labels
-        image_step, state, token, finished, emitted, no_end_mask = self._start_decoding(image_features)
+        state, context, token, finished, emitted, no_end_mask = self._start_decoding(image_features)
         scores = tf.zeros_like(emitted)
         label_ids = []
-        for _ in range(self.max_length):  # static length: unrolled into the graph
-            logits, state = self._step(token, state, image_step)
+        for index in range(self.max_length):  # static length: unrolled into the graph
+            logits, state = self._step(token, state, context)
             # A label already emitted cannot be emitted again.
             repeat_mask = tf.concat([emitted, no_end_mask], axis=-1)
             logits = logits + _MASKED_LOGIT * repeat_mask
@@ -215,6 +231,8 @@ class LabelDecoder(keras.layers.Layer):
                 # (emits END) when the most likely label falls below it.
                 too_low = tf.cast(probs[:, :num_labels] < self.min_label_score, logits.dtype)
                 logits = logits + _MASKED_LOGIT * tf.concat([too_low, no_end_mask], axis=-1)
+            if index == self.max_length - 1:
+                logits = logits + _MASKED_LOGIT * self._end_only_mask(tf.shape(logits)[0], logits.dtype)
             # tf.math.argmax, not keras.ops.argmax: the latter adds a BitwiseAnd op
             # that breaks builtins-only TFLite conversion (TF-TRAPS.md).
             token = tf.cast(tf.math.argmax(logits, axis=-1), tf.int32)
@@ -228,11 +246,11 @@ class LabelDecoder(keras.layers.Layer):
 
     def beam_decode(self, image_features):
         """Beam search of width `beam_width`; see `beam_search` for the rules."""
-        image_step = self.image_to_step(image_features)
+        state, context = self._image_context(image_features)
         return beam_search(
             self._step,
-            self.initial_state(image_features),
-            image_step,
+            state,
+            context,
             num_labels=self.num_labels,
             max_length=self.max_length,
             beam_width=self.beam_width,
@@ -248,11 +266,13 @@ class LabelDecoder(keras.layers.Layer):
         the first END are not masked), with dropout in training. The argmax
         of each step's logits is the next input, so a loss can read the
         decoder's predictions back from these logits (`OrderlessSequenceLoss`).
+        The last step is not forced to END here: its target is always END,
+        so the loss teaches it.
         """
-        image_step, state, token, finished, emitted, no_end_mask = self._start_decoding(image_features)
+        state, context, token, finished, emitted, no_end_mask = self._start_decoding(image_features)
         all_logits = []
         for _ in range(self.max_length):
-            logits, state = self._step(token, state, image_step, training)
+            logits, state = self._step(token, state, context, training)
             logits = logits + _MASKED_LOGIT * tf.concat([emitted, no_end_mask], axis=-1)
             all_logits.append(logits)
             token = tf.cast(tf.math.argmax(logits, axis=-1), tf.int32)
@@ -293,3 +313,8 @@ class LabelDecoder(keras.layers.Layer):
             }
         )
         return config
+
+
+# Registers the attention decoder too, so this one import is enough for loaders
+# (at the end: that module subclasses LabelDecoder).
+from hybridnet_tf.model import attention_decoder  # noqa: E402,F401

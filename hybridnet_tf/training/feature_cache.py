@@ -1,14 +1,18 @@
 """Backbone features computed once, for training the heads while the backbone is frozen.
 
 With the backbone frozen (and BatchNorm in inference mode) and no
-augmentation that changes pixels, the pooled feature of an image is a fixed
-function of it: compute it once, keep it in memory, and train the heads on
-it. Horizontal flips are kept as a second cached view of every image. On
+augmentation that changes pixels, the backbone's output for an image is a
+fixed function of it: compute it once, keep it in memory, and train the
+heads on it. What is kept is what the heads read (`hybridnet.head_input_shape`):
+the pooled feature, or the whole spatial map for the attention decoder. Horizontal flips are kept as a second cached view of every image. On
 a CPU this makes a frozen-phase step cost the heads only, one to two
 orders of magnitude less than a pass through the backbone.
 
 Memory: 4 bytes x feature size x views per image (EfficientNet-Lite0:
-1280 floats, 5 KB a view; all of COCO train, 118k images x 2 views: 1.2 GB).
+1280 floats, 5 KB a view; all of COCO train, 118k images x 2 views: 1.2 GB;
+the attention decoder's 7 x 7 map at 224 px is 49 times that, 245 KB a
+view: fine for thousands of images, not for all of COCO, where
+`train.feature_cache: false` trains through the frozen backbone instead).
 """
 
 from dataclasses import dataclass
@@ -17,15 +21,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hybridnet_tf.model.hybridnet import IMAGE_ENCODER
+from hybridnet_tf.model.hybridnet import IMAGE_ENCODER, POOL, model_decoder
 
 
 @dataclass
 class CachedFeatures:
-    """Pooled features of every image (and view) of a split, with their labels.
+    """Backbone features of every image (and view) of a split, with their labels.
 
     Attributes:
-        features: [N * views, D] float32.
+        features: [N * views, D] float32 pooled features, or [N * views, h, w, C]
+            spatial maps for the attention decoder.
         labels: [N * views, L] float32 multi-hot.
         views: 1, or 2 when each image is also cached flipped left-right.
     """
@@ -36,6 +41,12 @@ class CachedFeatures:
 
     def __len__(self):
         return len(self.features)
+
+    def pooled(self):
+        """[N * views, D] pooled features (the mean of spatial maps over their positions)."""
+        if self.features.ndim == 4:
+            return self.features.mean(axis=(1, 2))
+        return self.features
 
     def to_dataset(self, batch_size, training=False, seed=None):
         """Batches of `(features, multi_hot)`; in training reshuffled on every pass."""
@@ -51,7 +62,7 @@ def frozen_backbone(model):
 
 
 def extract_features(model, dataset, flip_views=False, progress=True, name="train"):
-    """Runs `model`'s backbone once over `dataset` (inference mode) and keeps the pooled features.
+    """Runs `model`'s backbone once over `dataset` (inference mode) and keeps what its heads read.
 
     Args:
         model: a HybridNet from `build_model`.
@@ -66,8 +77,13 @@ def extract_features(model, dataset, flip_views=False, progress=True, name="trai
         A `CachedFeatures`.
     """
     backbone = frozen_backbone(model)
-    encode = tf.function(lambda images: tf.cast(backbone(images, training=False), tf.float32),
-                         reduce_retracing=True)
+    pool = None if model_decoder(model) == "attention" else model.get_layer(IMAGE_ENCODER).get_layer(POOL)
+
+    def head_input(images):
+        features = backbone(images, training=False)
+        return tf.cast(features if pool is None else pool(features), tf.float32)
+
+    encode = tf.function(head_input, reduce_retracing=True)
     cardinality = int(dataset.cardinality())
     if progress:
         print(f"caching backbone features of {name} images" + (" and their mirror images" if flip_views else ""))

@@ -229,7 +229,7 @@ def _frozen_phase(model, epochs, learning_rate, steps_per_epoch, frozen_steps, f
         # The unflipped view only: an image and its mirror must not sit on both
         # sides of the probe's cross-validation.
         originals = len(train_features) // train_features.views
-        probe = fit_linear_probe(train_features.features[:originals], train_features.labels[:originals],
+        probe = fit_linear_probe(train_features.pooled()[:originals], train_features.labels[:originals],
                                  seed=feature_cache.seed or 0)
         set_sigmoid_head(model, probe)
         print(f"phase 1: sigmoid head set by a linear probe (logistic regression, C={probe.c:g}) "
