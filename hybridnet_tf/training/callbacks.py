@@ -10,11 +10,13 @@ import math
 import os
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from hybridnet_tf.atomic_files import write_json_atomically
 from hybridnet_tf.evaluation.metrics import mean_average_precision, set_metrics, threshold_metrics
-from hybridnet_tf.evaluation.predictions import collect_predictions
+from hybridnet_tf.evaluation.predictions import decoded_to_multi_hot, predict_function
+from hybridnet_tf.model.hybridnet import IMAGE_ENCODER, build_head_model
 
 
 def uses_ema(model):
@@ -44,51 +46,218 @@ def ema_weights(model):
 
 
 class ValidationMetrics(keras.callbacks.Callback):
-    """Computes val mAP, CF1 and OF1 at the end of each epoch and adds them to the logs.
+    """Computes val loss, mAP, CF1 and OF1 at the end of each epoch in one pass; adds them to the logs.
+
+    With `label_rank` it also computes `val_loss` (the loss `fit` would
+    report for `validation_data`) in the same pass over the val batches and
+    the same traced function as the predictions, so `fit` needs no
+    `validation_data`: each val image is read, decoded and sent through the
+    backbone once per epoch. The function is traced once (its input
+    signature is the dataset's element spec) and reused every epoch.
 
     Put it before `TensorBoard` and checkpoint callbacks in the list: they
-    then log the metrics and can monitor `val_mAP`, and `fit`'s history
-    holds them. With an EMA optimizer the metrics are those of the EMA weights.
+    then log the metrics and can monitor `val_mAP` / `val_loss`, and `fit`'s
+    history holds them. With an EMA optimizer the metrics (and the loss) are
+    those of the EMA weights.
 
     Args:
         inference_model: the model from `build_model` (weights shared with
-            the model being fitted).
-        dataset: batches of `(images, multi_hot)`.
+            the model being fitted); without `label_rank` any model from
+            inputs to `scores` and `label_ids` (e.g. `build_head_model`).
+        dataset: batches of `(images, multi_hot)`, or of
+            `(features, multi_hot)` with `from_features=True`.
         threshold: score threshold for CF1 / OF1.
-        max_batches: evaluate on at most this many batches (None: all).
+        max_batches: evaluate on at most this many batches (None: all);
+            `val_loss` is then over the same batches.
+        label_rank: [L] decoding order of the labels, to compute `val_loss`
+            (None: no `val_loss`).
+        from_features: `dataset` holds cached backbone features
+            (`build_head_model`'s input), not images.
+        seed: seed of the `random` label order's val sequences.
     """
 
-    def __init__(self, inference_model, dataset, threshold=0.5, max_batches=None):
+    def __init__(self, inference_model, dataset, threshold=0.5, max_batches=None,
+                 label_rank=None, from_features=False, seed=None):
         super().__init__()
         self.inference_model = inference_model
         self.dataset = dataset
         self.threshold = threshold
         self.max_batches = max_batches
+        self.label_rank = label_rank
+        self.from_features = from_features
+        self.seed = seed
+        self._pass = None
+
+    def _one_pass(self):
+        """(dataset, traced step) of the validation pass, made once."""
+        if self._pass is not None:
+            return self._pass
+        dataset = self.dataset
+        if self.max_batches is not None:
+            dataset = dataset.take(self.max_batches)
+        if self.label_rank is None:
+            predict = predict_function(self.inference_model)
+            step = tf.function(
+                lambda images, multi_hot: (*_scores_and_ids(predict(images)), tf.constant(0.0)),
+                input_signature=list(dataset.element_spec),
+            )
+            dataset = dataset.map(lambda images, multi_hot: ((images, multi_hot),))
+        else:
+            dataset, step = validation_step(
+                self.inference_model, dataset, self.label_rank, self.from_features, self.seed
+            )
+        self._pass = dataset, step
+        return self._pass
+
+    def trace_count(self):
+        """How many times the validation step was traced (1 after any number of epochs)."""
+        return 0 if self._pass is None else self._pass[1].experimental_get_tracing_count()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
+        dataset, step = self._one_pass()
+        y_true, scores, label_ids, loss_sum, count = [], [], [], 0.0, 0
         with ema_weights(self.model):
-            y_true, scores, decoded = collect_predictions(
-                self.inference_model, self.dataset, max_batches=self.max_batches
-            )
+            for element in dataset:
+                (images, multi_hot), *rest = element
+                batch_scores, batch_ids, batch_loss = step(images, multi_hot, *rest)
+                y_true.append(multi_hot.numpy())
+                scores.append(batch_scores.numpy())
+                label_ids.append(batch_ids.numpy())
+                # Keras averages the loss over batches weighted by their size.
+                loss_sum += float(batch_loss) * len(y_true[-1])
+                count += len(y_true[-1])
+        if not y_true:
+            raise ValueError("the validation data set is empty: no val image could be read")
+        y_true = np.concatenate(y_true).astype(np.float32)
+        scores = np.concatenate(scores).astype(np.float32)
+        decoded = decoded_to_multi_hot(np.concatenate(label_ids), y_true.shape[1])
         mean_ap, _ = mean_average_precision(y_true, scores)
         at_threshold = threshold_metrics(y_true, scores, self.threshold)
         decoded_metrics = set_metrics(y_true, decoded)
+        if self.label_rank is not None:
+            logs["val_loss"] = loss_sum / count
         logs["val_mAP"] = float(mean_ap)
         logs["val_CF1"] = float(at_threshold["CF1"])
         logs["val_OF1"] = float(at_threshold["OF1"])
         logs["val_decoded_OF1"] = float(decoded_metrics["OF1"])
+        self.last_predictions = (y_true, scores)  # for TensorBoardSummaries' PR curves
+        loss_text = f"val_loss {logs['val_loss']:.4f}  " if "val_loss" in logs else ""
         print(
-            f"\nepoch {epoch + 1}: val_mAP {mean_ap:.4f}  val_CF1 {at_threshold['CF1']:.4f}  "
+            f"\nepoch {epoch + 1}: {loss_text}val_mAP {mean_ap:.4f}  val_CF1 {at_threshold['CF1']:.4f}  "
             f"val_OF1 {at_threshold['OF1']:.4f}  decoded OF1 {decoded_metrics['OF1']:.4f}"
         )
 
 
+def _scores_and_ids(outputs):
+    return outputs["scores"], outputs["label_ids"]
+
+
+def _head_input_model(model):
+    """image -> what `build_head_model(model)` reads, through `model`'s own image encoder; or None.
+
+    The heads read the image encoder's output (its last one when it has
+    several, e.g. the spatial map of an attention decoder). None when the
+    shapes say otherwise: the validation step then runs the whole model twice.
+    """
+    encoder = model.get_layer(IMAGE_ENCODER)
+    heads = build_head_model(model)
+    encoded = encoder.output
+    head_input = encoded[-1] if isinstance(encoded, (list, tuple)) else encoded
+    if tuple(head_input.shape[1:]) != tuple(heads.input.shape[1:]):
+        return None, heads
+    return keras.Model(encoder.input, head_input, name="head_input"), heads
+
+
+def validation_step(model, dataset, label_rank, from_features=False, seed=None):
+    """The one-pass validation: a dataset and a traced step giving scores, label ids and the loss.
+
+    The loss is `training_loss(model)` of the teacher-forcing outputs (the
+    loss `fit` reports), computed from the same backbone features as the
+    predictions: the backbone runs once per batch.
+
+    Args:
+        model: the inference model from `build_model`.
+        dataset: batches of `(images, multi_hot)` (or `(features, multi_hot)`
+            with `from_features`).
+        label_rank: [L] decoding order of the labels.
+        from_features: the batches hold `build_head_model`'s input features.
+        seed: seed of the `random` label order's sequences.
+
+    Returns:
+        `(pass_dataset, step)`: iterate `pass_dataset`; each element is
+        `((inputs, multi_hot), decoder_inputs, targets)`, and
+        `step(inputs, multi_hot, decoder_inputs, targets)` returns
+        `(scores [B, L], label_ids [B, T], mean loss of the batch)`.
+    """
+    from hybridnet_tf.model.hybridnet import FEATURES, build_training_model, training_loss, with_training_targets
+
+    losses = training_loss(model)
+    head_input, heads = (None, build_head_model(model)) if from_features else _head_input_model(model)
+    shared = from_features or head_input is not None
+    loss_model = build_training_model(model, from_features=shared)
+    loss_key = FEATURES if shared else "image"
+    # `with_training_targets` puts its first element under the input key as
+    # it is: a pair (inputs, multi_hot) travels through it unchanged.
+    with_targets = with_training_targets(
+        dataset.map(lambda images, multi_hot: ((images, multi_hot), multi_hot)),
+        model, label_rank, seed=seed,
+    )
+    pass_dataset = with_targets.map(
+        lambda inputs, targets: (
+            inputs["image"], {k: v for k, v in inputs.items() if k != "image"}, targets
+        )
+    )
+
+    def step(images, multi_hot, decoder_inputs, targets):
+        if from_features:
+            encoded = images
+        elif head_input is not None:
+            encoded = head_input(images, training=False)
+        else:
+            encoded = None
+        outputs = heads(encoded, training=False) if encoded is not None else model(images, training=False)
+        teacher_forced = loss_model(
+            {loss_key: encoded if shared else images, **decoder_inputs}, training=False
+        )
+        loss = tf.add_n([
+            tf.cast(fn(targets[key], teacher_forced[key]), tf.float32) for key, fn in losses.items()
+        ])
+        return (*_scores_and_ids(outputs), loss)
+
+    element_spec = pass_dataset.element_spec
+    signature = [element_spec[0][0], element_spec[0][1], element_spec[1], element_spec[2]]
+    return pass_dataset, tf.function(step, input_signature=signature)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint or backup could not be written (e.g. a full disk); the previous one is intact."""
+
+
+def _write_failed(path, error, temporary):
+    for name in temporary:
+        with contextlib.suppress(OSError):
+            os.remove(name)
+    kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
+    return CheckpointWriteError(
+        error.errno, f"could not write {path}: {error.strerror or error}; {kept}. Free space "
+        "(or fix the folder's permissions) and run the same command again to resume"
+    )
+
+
 def save_model_atomically(model, path):
-    """Saves a `.keras` file through a temporary file, so a kill never leaves half a file."""
+    """Saves a `.keras` file through a temporary file, so a kill never leaves half a file.
+
+    Raises:
+        CheckpointWriteError: the file could not be written (e.g. no space
+            left); `path` is as it was and the temporary file is removed.
+    """
     tmp = f"{path[: -len('.keras')]}.tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, path)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    except OSError as error:
+        raise _write_failed(path, error, [tmp]) from error
 
 
 class InferenceModelCheckpoint(keras.callbacks.Callback):
@@ -220,6 +389,8 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         self._weights_path, self._training_metadata_path = temporary
         try:
             super()._save_model()
+        except OSError as error:
+            raise _write_failed(weights, error, temporary) from error
         finally:
             self._weights_path, self._training_metadata_path = weights, metadata
         _replace(temporary[0], weights)

@@ -16,7 +16,7 @@ import os
 
 import keras
 
-from hybridnet_tf.model.hybridnet import FEATURES, build_head_model, with_training_targets
+from hybridnet_tf.model.hybridnet import FEATURES, with_training_targets
 from hybridnet_tf.training.callbacks import (
     RunHistoryLogger,
     StopOnNonFiniteLoss,
@@ -90,11 +90,12 @@ def train_heads_on_features(
     )
     train_batches = targets(train_features.to_dataset(batch_size, training=True, seed=seed)).repeat()
     callbacks = [StopOnNonFiniteLoss()]
-    validation = None
     if val_features is not None:
+        # val_loss comes from the metrics' own pass (no validation_data for fit).
         val_batches = val_features.to_dataset(max(batch_size, 64))
-        validation = targets(val_batches)
-        callbacks.append(ValidationMetrics(build_head_model(model), val_batches, threshold=threshold))
+        callbacks.append(ValidationMetrics(
+            model, val_batches, threshold=threshold, label_rank=label_rank, from_features=True, seed=seed
+        ))
     elif monitor.startswith("val_"):
         monitor = "loss"
     callbacks += list(extra_callbacks)
@@ -111,7 +112,6 @@ def train_heads_on_features(
     ]
     history = training_model.fit(
         train_batches,
-        validation_data=validation,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         callbacks=callbacks,

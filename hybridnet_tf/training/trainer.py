@@ -23,6 +23,7 @@ from hybridnet_tf.training.callbacks import (
     history_of,
 )
 from hybridnet_tf.training.compute import dtype_policy, resolve_jit_compile
+from hybridnet_tf.training.tensorboard_summaries import summaries_for_run
 
 EPOCH_LOG = "history.csv"
 HISTORY_FILE = "history.json"
@@ -97,7 +98,8 @@ def train(
             XLA on a single GPU, off on CPU.
         steps_per_execution: batches per `tf.function` call.
         monitor: epoch log key that picks `best.keras` (e.g. "val_mAP", "loss").
-        val_max_batches: cap on val batches for the per-epoch metrics.
+        val_max_batches: cap on val batches for the per-epoch metrics and `val_loss`
+            (both come from one pass, `callbacks.ValidationMetrics`).
         threshold: score threshold of the per-epoch CF1 / OF1.
         batch_size: the global batch size of `train_data`; with XLA the
             training batches are re-cut to exactly this size, so every step
@@ -145,42 +147,22 @@ def train(
     train_sequences = training_batches(
         train_data, model, label_rank, static_batch_size=batch_size if jit else None
     )
-
-    validation = None
-    if val_data is not None:
-        validation = with_training_targets(val_data, model, label_rank)
-        if multi_worker:
-            validation = distribution.shard_evaluation_by_data(validation)
-    elif monitor.startswith("val_"):
+    if val_data is None and monitor.startswith("val_"):
         monitor = "loss"
 
     with distribution.output_dir(run_dir, strategy) as out_dir:
-        epoch_log = os.path.join(out_dir, EPOCH_LOG)
-        # The order matters: the NaN stop comes before any per-step backup;
-        # the metrics before what logs them; the epoch's log row before the
-        # backup that marks the epoch done (else a kill in between loses the row).
-        callbacks = [StopOnNonFiniteLoss()]
-        if use_ema:
-            callbacks.append(keras.callbacks.SwapEMAWeights())  # val_loss of the EMA weights
-        if val_data is not None:
-            callbacks.append(
-                ValidationMetrics(model, val_data, threshold=threshold, max_batches=val_max_batches)
-            )
-        callbacks += list(extra_callbacks)
-        history_logger = RunHistoryLogger(epoch_log, os.path.join(out_dir, HISTORY_FILE))
-        callbacks += [
-            InferenceModelCheckpoint(model, out_dir, monitor=monitor, epoch_log=epoch_log),
-            history_logger,
-            AtomicBackupAndRestore(
-                distribution.backup_dir(run_dir, strategy, backup_name),
-                save_freq=backup_steps if backup_steps > 0 else "epoch",
-            ),
-            keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"), write_graph=False),
-        ]
+        history_logger = RunHistoryLogger(os.path.join(out_dir, EPOCH_LOG), os.path.join(out_dir, HISTORY_FILE))
+        callbacks = _callbacks(
+            model, val_data, label_rank, out_dir, history_logger,
+            backup=distribution.backup_dir(run_dir, strategy, backup_name),
+            monitor=monitor, threshold=threshold, val_max_batches=val_max_batches,
+            backup_steps=backup_steps, extra_callbacks=extra_callbacks,
+        )
         with strategy.scope():
+            # No validation_data: ValidationMetrics computes val_loss in its own
+            # pass with the metrics, so the val set is read once per epoch.
             history = training_model.fit(
                 train_sequences,
-                validation_data=validation,
                 shuffle=False,  # tf.data already shuffles
                 epochs=epochs,
                 initial_epoch=initial_epoch,
@@ -198,6 +180,33 @@ def train(
     }
     history.epoch = [row["epoch"] for row in rows]
     return history
+
+
+def _callbacks(model, val_data, label_rank, out_dir, history_logger, backup, monitor, threshold,
+               val_max_batches, backup_steps, extra_callbacks):
+    """The callbacks of `train`, in the order that matters.
+
+    The NaN stop comes before any per-step backup; the metrics before what
+    logs them; the epoch's log row before the backup that marks the epoch
+    done (else a kill in between loses the row).
+    """
+    callbacks = [StopOnNonFiniteLoss()]
+    if val_data is not None:
+        callbacks.append(ValidationMetrics(
+            model, val_data, threshold=threshold, max_batches=val_max_batches, label_rank=label_rank
+        ))
+    callbacks += list(extra_callbacks)
+    callbacks += [
+        InferenceModelCheckpoint(model, out_dir, monitor=monitor, epoch_log=history_logger.filename),
+        history_logger,
+        AtomicBackupAndRestore(backup, save_freq=backup_steps if backup_steps > 0 else "epoch"),
+        keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"), write_graph=False),
+    ]
+    # PR curves, val images with predictions, hparams (TensorBoard's plugins).
+    callbacks += summaries_for_run(
+        model, val_data, out_dir, os.path.join(out_dir, "logs"), callbacks, val_max_batches
+    )
+    return callbacks
 
 
 def compile_training_model(
