@@ -1,13 +1,32 @@
 """Predicting labels for image files with a trained HybridNet."""
 
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
 
 from hybridnet_tf.data.pipeline import decode_and_resize
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# What tf.io.decode_image reads (TF 2.21: JPEG, JPEG XL, PNG, GIF, BMP, WebP).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".jxl")
+# TF prefixes op errors with the function they ran in and appends the op:
+# "{{function_node __wrapped__DecodeImage_device_/...}} Unknown image ... [Op:DecodeImage]".
+_TF_ERROR_NOISE = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\]|\s*\[\[\{\{node [^\]]*\]\]")
+
+
+def plain_error_message(error):
+    """One plain line from an exception: TF's function-node prefix and op suffix removed.
+
+    Example:
+        >>> plain_error_message(tf.errors.InvalidArgumentError(None, None,
+        ...     "{{function_node __wrapped__DecodeImage_device_/job:localhost}} Unknown image file format. [Op:DecodeImage]"))
+        'Unknown image file format.'
+    """
+    message = getattr(error, "message", None) or str(error)
+    message = _TF_ERROR_NOISE.sub("", message)
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def expand_image_paths(inputs):
@@ -75,8 +94,7 @@ def predict_files(model, paths, vocabulary, image_size, resize="squash", thresho
             images.append(decode_and_resize(encoded, image_size, resize))
             batch_paths.append(path)
         except (tf.errors.OpError, ValueError) as error:
-            message = getattr(error, "message", str(error)).strip().splitlines()[0]
-            results.append({"path": path, "error": message})
+            results.append({"path": path, "error": plain_error_message(error)})
             continue
         if len(images) == batch_size:
             flush()

@@ -31,6 +31,10 @@ def files(tmp_path):
     contents = {
         "good.jpg": jpeg,
         "padded.jpg": jpeg + b"\x00" * 10,  # trailing bytes after FFD9
+        "long_tail.jpg": jpeg + b"\x00" * 300,  # more than the 16 tail bytes: TF still decodes it
+        "good.webp": _encoded("WEBP"),
+        "webp_inside.jpg": _encoded("WEBP"),
+        "truncated.webp": _encoded("WEBP")[:-30],
         "png_inside.jpg": png,
         "good.png": png,
         "good.gif": _encoded("GIF"),
@@ -51,7 +55,10 @@ def files(tmp_path):
 def test_flags_broken_files_with_reasons(files):
     bad = dict(find_unreadable_images([str(p) for p in files.values()], num_threads=2))
     reasons = {path.rsplit("/", 1)[-1]: reason for path, reason in bad.items()}
-    assert set(reasons) == {"truncated.jpg", "truncated.png", "zero.jpg", "text.jpg", "missing.jpg"}
+    assert set(reasons) == {
+        "truncated.jpg", "truncated.png", "truncated.webp", "zero.jpg", "text.jpg", "missing.jpg"
+    }
+    assert reasons["truncated.jpg"].endswith("TensorFlow cannot decode it")
     assert reasons["truncated.jpg"].startswith("truncated JPEG")
     assert reasons["truncated.png"].startswith("truncated PNG")
     assert reasons["zero.jpg"] == "empty file (0 bytes)"
@@ -66,12 +73,12 @@ def test_verdicts_match_decode_image(files):
 
 
 def test_order_kept_and_other_formats_named(tmp_path, files):
-    webp = tmp_path / "photo.jpg"
-    Image.new("RGB", (8, 8)).save(webp, format="WEBP")
-    paths = [files["missing.jpg"], files["good.jpg"], webp, files["zero.jpg"]]
+    tiff = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(tiff, format="TIFF")
+    paths = [files["missing.jpg"], files["good.jpg"], tiff, files["zero.jpg"]]
     bad = find_unreadable_images(paths)
-    assert [p for p, _ in bad] == [str(paths[0]), str(webp), str(paths[3])]
-    assert bad[1][1] == "not an image tf.io.decode_image reads: WebP"
+    assert [p for p, _ in bad] == [str(paths[0]), str(tiff), str(paths[3])]
+    assert bad[1][1] == "not an image tf.io.decode_image reads: TIFF; TensorFlow cannot decode it"
 
 
 def test_progress_bar_for_many_files(tmp_path, capsys):

@@ -154,6 +154,7 @@ def test_image_problem_agrees_with_image_check(tmp_path):
     files = {
         "good.jpg": jpeg,
         "padded.jpg": jpeg + b"\0" * 10,
+        "long_tail.jpg": jpeg + b"\0" * 300,
         "png_inside.jpg": png,
         "truncated.png": png[:-20],
         "tiny.jpg": b"\xff\xd8",

@@ -6,8 +6,8 @@ the multi-hot labels by the model's own `with_training_targets`.
 
 Broken files never end an epoch. `image_check` finds the usual culprits
 before training starts; whatever still reaches the pipeline is checked again
-in the graph (the same rules: empty, no JPEG/PNG/GIF/BMP signature, a JPEG
-without its FFD9 end marker, a PNG without IEND), skipped and counted by a
+in the graph (empty, no JPEG/PNG/GIF/BMP/WebP/JPEG XL signature, a JPEG
+without any FFD9 end marker, a PNG without IEND), skipped and counted by a
 `SkippedImages`, which logs one warning per pass over the data with the
 count and a few file names. Damage in the middle of a file only shows when
 decoding fails; such elements are dropped by `ignore_errors`, the last safety
@@ -35,7 +35,7 @@ CROP_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 IMAGE_PROBLEMS = (
     "",
     "empty file (0 bytes)",
-    "truncated JPEG: no end-of-image marker (FFD9) in its last 16 bytes",
+    "truncated JPEG: no end-of-image marker (FFD9)",
     "truncated PNG: no IEND chunk in its last 16 bytes",
     "not a JPEG, PNG, GIF or BMP image",
 )
@@ -87,10 +87,21 @@ def image_problem(encoded):
 
     is_jpeg = _starts_with(head, b"\xff\xd8\xff")
     is_png = _starts_with(head, b"\x89PNG\r\n\x1a\n")
-    is_other = _starts_with(head, b"GIF87a") | _starts_with(head, b"GIF89a") | _starts_with(head, b"BM")
+    is_other = (
+        _starts_with(head, b"GIF87a") | _starts_with(head, b"GIF89a") | _starts_with(head, b"BM")
+        | _starts_with(head, b"RIFF")  # WebP (RIFF....WEBP; the 8 head bytes end before WEBP)
+        | _starts_with(head, b"\xff\x0a") | _starts_with(head, b"\0\0\0\x0cJXL ")  # JPEG XL
+    )
     code = tf.where(is_other, 0, 4)
     code = tf.where(is_png, tf.where(_contains(tail, b"IEND"), 0, 3), code)
-    code = tf.where(is_jpeg, tf.where(_contains(tail, b"\xff\xd9"), 0, 2), code)
+    # TF decodes a JPEG with any number of bytes after its end marker: look
+    # for the marker in the whole file when the tail lacks it (rare, O(size)).
+    jpeg_end = tf.cond(
+        _contains(tail, b"\xff\xd9"),
+        lambda: tf.constant(True),
+        lambda: tf.size(tf.strings.split(encoded, sep=b"\xff\xd9")) > 1,
+    )
+    code = tf.where(is_jpeg, tf.where(jpeg_end, 0, 2), code)
     return tf.where(length == 0, 1, code)
 
 
@@ -307,6 +318,7 @@ def make_dataset(
     seed=None,
     deterministic=None,
     skipped=None,
+    with_names=False,
 ):
     """Builds a batched `tf.data.Dataset` of `(image, multi_hot)`.
 
@@ -337,10 +349,16 @@ def make_dataset(
             return elements out of order; None keeps tf.data's default.
         skipped: a `SkippedImages` that counts undecodable images; by default
             a new one that only logs.
+        with_names: also give each image's file name (`<in-memory image>`
+            for encoded bytes), so evaluation can tell which images it
+            scored; not in training.
 
     Returns:
-        A dataset of `(images [B, S, S, 3] float32 0..255, multi_hot [B, L] float32)`.
+        A dataset of `(images [B, S, S, 3] float32 0..255, multi_hot [B, L] float32)`,
+        with `names [B]` string as a third element when `with_names`.
     """
+    if with_names and training:
+        raise ValueError("with_names=True is for evaluation data (training=False)")
     if resize not in RESIZE_POLICIES:
         raise ValueError(f"unknown resize policy {resize!r}; choose one of {list(RESIZE_POLICIES)}")
     cache = cache_setting(cache)
@@ -398,24 +416,27 @@ def make_dataset(
         def load(item, labels):
             decode = lambda e: decode_and_resize(e, image_size, policy)  # noqa: E731
             image, keep = _load_checked(read(item), name_of(item), skipped, decode, image_size)
-            return image, labels, keep
+            return (image, labels, keep, name_of(item)) if with_names else (image, labels, keep)
 
     dataset = dataset.map(load, num_parallel_calls=AUTOTUNE)
-    # Damage in the middle of a file that passed the checks must not end an epoch.
+    # Damage in the middle of a file that passed the checks must not end an
+    # epoch (evaluation finds such images by name: `with_names`).
     dataset = dataset.ignore_errors(log_warning=True)
-    dataset = dataset.filter(lambda image, labels, keep: keep)
+    dataset = dataset.filter(lambda image, labels, keep, *name: keep)
     cache_decoded = cache is not None and not random_crop
     if cache_decoded:
         # uint8 is a quarter of float32: 224 px COCO train takes 18 GB, not 71 GB.
-        dataset = dataset.map(lambda image, labels, keep: (tf.cast(tf.round(image), tf.uint8), labels))
+        dataset = dataset.map(
+            lambda image, labels, keep, *name: (tf.cast(tf.round(image), tf.uint8), labels, *name)
+        )
     else:
-        dataset = dataset.map(lambda image, labels, keep: (image, labels))
+        dataset = dataset.map(lambda image, labels, keep, *name: (image, labels, *name))
     dataset = dataset.concatenate(_end_of_pass(skipped, dataset.element_spec))
     if cache_decoded:
         dataset = dataset.cache(cache)
         if training:
             dataset = dataset.shuffle(shuffle_buffer, seed=cached_seed, reshuffle_each_iteration=True)
-        dataset = dataset.map(lambda image, labels: (tf.cast(image, tf.float32), labels))
+        dataset = dataset.map(lambda image, labels, *name: (tf.cast(image, tf.float32), labels, *name))
     dataset = dataset.batch(batch_size, drop_remainder=False, num_parallel_calls=AUTOTUNE)
     if training and augment is not None:
         # Keras' random layers advance a seed state per call: in deterministic
