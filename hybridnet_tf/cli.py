@@ -1,4 +1,4 @@
-"""The `hybridnet-tf` command line: demo-data, train, evaluate, predict, export."""
+"""The `hybridnet-tf` command line: demo-data, train, evaluate, predict, explain, export."""
 
 import argparse
 import json
@@ -32,12 +32,18 @@ def _cmd_train(args):
     run_dir = args.run_dir or os.path.join(
         "runs", os.path.splitext(os.path.basename(args.config or "default"))[0]
     )
-    from hybridnet_tf.training.callbacks import NonFiniteLossError
+    from hybridnet_tf.run_files import plan_training
+    from hybridnet_tf.training.callbacks import CheckpointWriteError, NonFiniteLossError
 
+    if not args.overwrite:
+        plan = plan_training(run_dir, config)
+        if plan.action == "complete":
+            print(plan.message)  # a finished run: exit 0 with nothing touched
+            return 0
     start = time.perf_counter()
     try:
-        history = run_train(config, run_dir)
-    except NonFiniteLossError as error:
+        history = run_train(config, run_dir, overwrite=args.overwrite)
+    except (NonFiniteLossError, CheckpointWriteError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
     summary = {k: round(v[-1], 4) for k, v in history.items()}
@@ -75,8 +81,13 @@ def _format_metrics(metrics):
 def _cmd_evaluate(args):
     from hybridnet_tf.experiment import run_evaluate
 
-    metrics = run_evaluate(args.run_dir, data_config=args.data, split=args.split, threshold=args.threshold)
+    metrics = run_evaluate(args.run_dir, data_config=args.data, split=args.split, threshold=args.threshold,
+                           strict=args.strict)
     print(_format_metrics(metrics))
+    unscored = metrics.get("unscored", {}).get("count", 0)
+    if unscored:
+        print(f"{unscored} image(s) could not be scored and are left out (listed in metrics.json; "
+              "--strict fails instead)", file=sys.stderr)
     print(f"wrote {os.path.join(args.run_dir, 'eval', 'metrics.json')}")
     return 0
 
@@ -115,8 +126,41 @@ def _cmd_predict(args):
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
+    if args.explain:
+        # Heat maps of the labels printed above, beside the usual output.
+        _explain_paths(args.model or args.run_dir, paths, args.explain, "decoded",
+                       args.explain_method, threshold=threshold)
     if failed:
         print(f"{failed} of {len(results)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _explain_paths(model_path, paths, out_dir, labels, method, threshold=None):
+    """Writes heat-map PNGs and peak JSONs; prints one line per image; returns the failures."""
+    from hybridnet_tf.explanation.explain_images import describe, explain_files, load_explainer
+
+    explainer, predictor = load_explainer(model_path, method=method)
+    results = explain_files(
+        explainer, paths, out_dir, predictor.image_size, resize=predictor.resize,
+        labels=labels, threshold=threshold,
+    )
+    failed = [result for result in results if "error" in result]
+    for result in results:
+        print(describe(result), file=sys.stderr if "error" in result else sys.stdout)
+    print(f"wrote {len(results) - len(failed)} heat-map PNG(s) and JSON(s) to {out_dir}")
+    return failed
+
+
+def _cmd_explain(args):
+    from hybridnet_tf.prediction import expand_image_paths
+
+    paths = expand_image_paths(args.images)
+    if not paths:
+        print("no image files found in " + " ".join(args.images), file=sys.stderr)
+        return 2
+    failed = _explain_paths(args.model, paths, args.out, args.labels, args.method)
+    if failed:
+        print(f"{len(failed)} of {len(paths)} images could not be read", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -165,12 +209,24 @@ def build_parser():
         help="override a config value, e.g. --set train.epochs=3 (repeatable)",
     )
     train.add_argument("--run-dir", help="output folder (default runs/<config name>)")
+    train.add_argument(
+        "--overwrite", action="store_true",
+        help="start over: remove what an earlier train wrote in the run dir (by default a "
+        "finished run is left as it is, a longer train.epochs continues it, an interrupted "
+        "run resumes)",
+    )
     train.set_defaults(func=_cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="mAP, CP/CR/CF1, OP/OR/OF1 of a trained run")
     evaluate.add_argument("--run-dir", required=True)
     evaluate.add_argument("--data", help="a config file whose data section to evaluate on")
-    evaluate.add_argument("--split", choices=("train", "val"), help="default: the config's eval.split")
+    evaluate.add_argument(
+        "--split", choices=("train", "val", "test"),
+        help="default: the config's eval.split; report 'test' (val chose best.keras and tuned "
+        "the thresholds: numbers on val are in-sample)",
+    )
+    evaluate.add_argument("--strict", action="store_true",
+                          help="fail when an image of the split cannot be scored")
     evaluate.add_argument("--threshold", type=float, help="score threshold (default: the config's)")
     evaluate.set_defaults(func=_cmd_evaluate)
 
@@ -189,7 +245,31 @@ def build_parser():
     predict.add_argument("--json", help="also write the results to this JSON file")
     predict.add_argument("--csv", help="also write the results to this CSV file")
     predict.add_argument("--threads", type=int, help="TFLite interpreter threads")
+    predict.add_argument(
+        "--explain", metavar="DIR",
+        help="also write a heat-map PNG and JSON per image into DIR (run dir or .keras models)",
+    )
+    predict.add_argument("--explain-method", choices=("auto", "grad_cam", "attention"), default="auto",
+                         help="heat maps of --explain (see `explain --method`)")
     predict.set_defaults(func=_cmd_predict)
+
+    explain = commands.add_parser(
+        "explain", help="per-label heat maps (Grad-CAM or decoder attention) of image files"
+    )
+    explain.add_argument("--model", required=True, help="a run directory or .keras file")
+    explain.add_argument("images", nargs="+", help="image files or folders")
+    explain.add_argument("--out", required=True, help="output folder for the PNG and JSON files")
+    explain.add_argument(
+        "--labels", default="decoded",
+        help="which labels get a map: 'decoded' (the label set the model returns, default), "
+        "'top-K' (the K best scores) or comma-separated label names",
+    )
+    explain.add_argument(
+        "--method", choices=("auto", "grad_cam", "attention"), default="auto",
+        help="auto: the attention decoder's weights for the labels it emitted, else Grad-CAM; "
+        "grad_cam: Grad-CAM for every label and head",
+    )
+    explain.set_defaults(func=_cmd_explain)
 
     export = commands.add_parser("export", help="export a run as a SavedModel or TFLite file")
     export.add_argument("--run-dir", required=True)

@@ -27,9 +27,14 @@ DEFAULTS = {
         "train_images": None,
         "val_annotations": None,
         "val_images": None,
+        # a held-out test split (evaluate --split test): never trained on, nor used to pick
+        # best.keras or tune thresholds
+        "test_annotations": None,
+        "test_images": None,
         # folder / csv: a folder of label-named sub-folders or a CSV per split
         "train_path": None,
         "val_path": None,
+        "test_path": None,
         "label_separator": None,
         # tfds
         "tfds_name": "coco/2017",
@@ -39,8 +44,11 @@ DEFAULTS = {
         "tfds_manual_dir": None,
         "tfds_train_split": "train",
         "tfds_val_split": "validation",
+        "tfds_test_split": None,
         # sources with one split: hold back this fraction as val (seeded)
         "val_fraction": 0.0,
+        # file sources without test_* paths: hold back this fraction of train as test (seeded, cut first)
+        "test_fraction": 0.0,
         "split_seed": 0,
         "include_crowd": True,
         "keep_empty": False,
@@ -69,6 +77,11 @@ DEFAULTS = {
         # hybrid (GRU decoder for label sets + sigmoid head for scores) | hybrid_rnn
         # (GRU decoder alone) | bce (sigmoid head alone); see hybridnet.py
         "head": "hybrid",
+        # decoder heads: pooled (the pooled image feature at every step) | attention
+        # (attends over the backbone's spatial map at every step; attention_decoder.py)
+        "decoder": "pooled",
+        "attention_units": 128,
+        "attention_gate": False,
         # decoding: 1 = greedy; labels below min_label_score are not emitted
         "beam_width": 1,
         "min_label_score": 0.0,
@@ -91,6 +104,9 @@ DEFAULTS = {
         "weight_decay": 0.0001,
         "warmup_epochs": 1,
         "seed": 0,
+        # same seed, same weights: TF op determinism and an ordered tf.data pipeline (slower;
+        # on a GPU only as deterministic as its kernels)
+        "deterministic": False,
         # compute: "auto" is XLA / mixed_float16 on a (Tensor Core) GPU, off / float32 on CPU
         "jit_compile": "auto",
         "mixed_precision": "auto",
@@ -123,6 +139,10 @@ DEFAULTS = {
         # on cached features: the sigmoid head (bce, hybrid) starts as a logistic-regression
         # probe (scikit-learn, C by cross-validation) and stays fixed while the decoder trains
         "probe_init": True,
+        # TensorBoard (logs/val_predictions): val images with true/predicted labels and heat
+        # maps after the first epoch and every N epochs (0: none), how many of them
+        "tensorboard_images_every": 5,
+        "tensorboard_images": 8,
     },
     "eval": {
         "threshold": 0.5,
@@ -138,12 +158,13 @@ CHOICES = {
     ("data", "resize"): ("squash", "center_crop", "random_resized_crop"),
     ("model", "label_order"): ("freq2rare", "rare2freq", "fixed", "random", "orderless"),
     ("model", "head"): ("hybrid_rnn", "bce", "hybrid"),
+    ("model", "decoder"): ("pooled", "attention"),
     ("model", "sigmoid_loss"): ("bce", "asl"),
     ("model", "freeze_batch_norm"): ("auto", True, False),
     ("train", "jit_compile"): ("auto", True, False),
     ("train", "mixed_precision"): ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     ("train", "strategy"): ("auto", "default", "mirrored", "multi_worker", "tpu"),
-    ("eval", "split"): ("train", "val"),
+    ("eval", "split"): ("train", "val", "test"),
 }
 
 # Keys whose default is None (derived elsewhere) but that take an integer.

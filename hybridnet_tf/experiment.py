@@ -19,10 +19,14 @@ from hybridnet_tf.data.pipeline import make_dataset
 from hybridnet_tf.model.backbones import BACKBONES
 from hybridnet_tf.run_files import (
     CONFIG_FILE,
+    LAST_MODEL,
     THRESHOLDS_FILE,
     VOCABULARY_FILE,
+    clear_training_outputs,
     load_run,
     load_run_thresholds,
+    mark_complete,
+    plan_training,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,7 @@ def as_dataset(split, config, training, batch_size=None, from_files=True):
         cache=data["cache"] if training else None,
         shuffle_buffer=data["shuffle_buffer"],
         seed=config["train"]["seed"],
+        deterministic=True if config["train"]["deterministic"] else None,
     )
 
 
@@ -83,7 +88,7 @@ def augmentation_of(config):
 MODEL_KEYS = (
     "max_length", "embedding_dim", "gru_units", "dropout", "head", "label_order", "beam_width",
     "min_label_score", "score_mix", "aux_loss_weight", "sigmoid_loss", "asl_gamma_neg",
-    "asl_gamma_pos", "asl_clip",
+    "asl_gamma_pos", "asl_clip", "decoder", "attention_units", "attention_gate",
 )
 
 
@@ -104,6 +109,7 @@ def build_model_from_config(config, num_labels):
         image_size=image_size_of(config),
         weights=model_cfg["weights"],
         freeze_batch_norm=freeze_batch_norm_of(config),
+        label_threshold=config["eval"]["threshold"],
         **{key: model_cfg[key] for key in MODEL_KEYS},
     )
 
@@ -142,23 +148,48 @@ def feature_cache_of(config, train_split, strategy, from_files=True):
     )
 
 
-def run_train(config, run_dir, verbose="auto"):
+def run_train(config, run_dir, verbose="auto", overwrite=False):
     """Trains a HybridNet as configured and writes everything into `run_dir`.
 
+    A rerun with the same config of a run that finished does nothing (it
+    prints so); with a larger `train.epochs` it continues from the last
+    weights; an interrupted run resumes from its backup. `overwrite=True`
+    removes what an earlier `train` wrote and starts over (see
+    `run_files.plan_training`).
+
     Returns:
-        The fit history dict.
+        The fit history dict (of a finished run: its `history.json`).
     """
     from hybridnet_tf.training.distribution import make_strategy
 
+    if overwrite:
+        removed = clear_training_outputs(run_dir)
+        if removed:
+            print(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
+    plan = plan_training(run_dir, config)  # reads files only: nothing is touched yet
+    if plan.action == "complete":
+        print(plan.message)
+        return _saved_history(run_dir)
     # First of all: MultiWorkerMirroredStrategy must be set up before other TF work.
     strategy = make_strategy(config["train"]["strategy"], tpu=config["train"]["tpu"])
     return train_on_splits(config, run_dir, load_splits(config["data"]), strategy, verbose=verbose)
 
 
+def _saved_history(run_dir):
+    import json
+
+    path = os.path.join(run_dir, "history.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
 def train_on_splits(config, run_dir, splits, strategy=None, verbose="auto"):
     """Trains on already loaded `Splits` as `config` says (the body of `run_train`).
 
-    Callers that cut their own splits (cross-validation) come in here.
+    Callers that cut their own splits (cross-validation) come in here. A
+    run dir that holds a finished run is handled as `run_train` says.
 
     Returns:
         The fit history dict.
@@ -170,6 +201,14 @@ def train_on_splits(config, run_dir, splits, strategy=None, verbose="auto"):
     from hybridnet_tf.training.trainer import steps_for
 
     train_cfg, model_cfg = config["train"], config["model"]
+    plan = plan_training(run_dir, config)
+    if plan.action == "complete":
+        print(plan.message)
+        return _saved_history(run_dir)
+    if train_cfg["deterministic"]:
+        # Same seed, same weights on CPU (GPU: as far as the kernels allow);
+        # make_dataset orders its parallel maps for the same reason.
+        tf.config.experimental.enable_op_determinism()
     strategy = strategy or tf.distribute.get_strategy()
     precision = resolve_mixed_precision(train_cfg["mixed_precision"], strategy)
     print(
@@ -203,7 +242,22 @@ def train_on_splits(config, run_dir, splits, strategy=None, verbose="auto"):
         eval_batch = config["eval"]["batch_size"]
         val_data = as_dataset(splits.val, config, False, batch_size=eval_batch, from_files=from_files)
         val_batches = steps_for(train_cfg["val_max_images"], eval_batch)
-    history = train_in_phases(
+    phases = dict(
+        frozen_epochs=train_cfg["frozen_epochs"],
+        unfreeze_blocks=train_cfg["unfreeze_blocks"],
+        learning_rate_factor=train_cfg["fine_tune_lr_factor"],
+        frozen_steps=train_cfg["frozen_steps"],
+        min_steps=train_cfg["min_steps"],
+        feature_cache=feature_cache_of(config, splits.train, strategy, from_files),
+        freeze_batch_norm=freeze_batch_norm_of(config),
+    )
+    if plan.action == "continue":
+        print(plan.message)
+        phases = _continued_phases(model, run_dir, plan.epochs_done, phases)
+        run = continue_training
+    else:
+        run = train_in_phases
+    history = run(
         model,
         train_data,
         val_data,
@@ -224,21 +278,72 @@ def train_on_splits(config, run_dir, splits, strategy=None, verbose="auto"):
         use_ema=train_cfg["use_ema"],
         ema_momentum=train_cfg["ema_momentum"],
         backup_steps=train_cfg["backup_steps"],
-        frozen_epochs=train_cfg["frozen_epochs"],
-        unfreeze_blocks=train_cfg["unfreeze_blocks"],
-        learning_rate_factor=train_cfg["fine_tune_lr_factor"],
-        frozen_steps=train_cfg["frozen_steps"],
-        min_steps=train_cfg["min_steps"],
-        feature_cache=feature_cache_of(config, splits.train, strategy, from_files),
-        freeze_batch_norm=freeze_batch_norm_of(config),
         verbose=verbose,
+        **phases,
     )
     if val_data is not None and chief:
         from hybridnet_tf.evaluation.evaluate_run import tune_and_save_thresholds
 
         _, _, best = load_run(run_dir)
-        tune_and_save_thresholds(best, val_data, vocabulary.names, os.path.join(run_dir, THRESHOLDS_FILE))
+        tuned = tune_and_save_thresholds(best, val_data, vocabulary.names, os.path.join(run_dir, THRESHOLDS_FILE))
+        _label_sets_follow_thresholds(best, tuned, run_dir)
+    if chief:
+        # Last of all: a rerun now knows this run is finished (BackupAndRestore
+        # deleted its backup when fit ended).
+        mark_complete(run_dir, config, train_cfg["epochs"])
     return history.history
+
+
+def _label_sets_follow_thresholds(model, tuned, run_dir):
+    """A `bce` model's label set uses the thresholds tuned on val: set them in best.keras."""
+    from hybridnet_tf.model.hybridnet import set_label_thresholds
+    from hybridnet_tf.run_files import BEST_MODEL
+    from hybridnet_tf.training.callbacks import save_model_atomically
+
+    if set_label_thresholds(model, tuned["per_class"]):
+        save_model_atomically(model, os.path.join(run_dir, BEST_MODEL))
+        print("best.keras: the bce head's label sets now use the per-label thresholds tuned on val")
+
+
+def _continued_phases(model, run_dir, epochs_done, phases):
+    """Loads the last weights of a finished run; the phase settings for `continue_training`."""
+    if 0 < phases["frozen_epochs"] and epochs_done < phases["frozen_epochs"]:
+        raise ValueError(
+            f"{run_dir} finished {epochs_done} epochs inside its frozen phase "
+            f"(train.frozen_epochs={phases['frozen_epochs']}); a run is lengthened after that "
+            "phase only: pass --overwrite to train it again"
+        )
+    model.load_weights(os.path.join(run_dir, LAST_MODEL))
+    kept = ("frozen_epochs", "unfreeze_blocks", "learning_rate_factor", "min_steps", "freeze_batch_norm")
+    return {"initial_epoch": epochs_done, **{key: phases[key] for key in kept}}
+
+
+def continue_training(model, train_data, val_data, label_rank, run_dir, steps_per_epoch, epochs,
+                      learning_rate, frozen_epochs=0, unfreeze_blocks=-1, learning_rate_factor=0.1,
+                      min_steps=0, freeze_batch_norm=True, initial_epoch=0, **train_kwargs):
+    """Trains a finished run on from epoch `initial_epoch` to `epochs`, from the weights in `model`.
+
+    The trainable part and learning rate are those of the run's last phase
+    (fine-tuning after a frozen phase: `unfreeze_blocks` at `learning_rate
+    * learning_rate_factor`); the schedule (warmup, cosine decay) and the
+    optimizer state start afresh for the added epochs. `best.keras` is
+    replaced only by an epoch better than the run's earlier best.
+    """
+    from hybridnet_tf.training.fine_tuning import FINE_TUNING_BACKUP, set_backbone_trainable
+    from hybridnet_tf.training.trainer import train
+
+    name = "backup"
+    if frozen_epochs > 0:
+        set_backbone_trainable(model, unfreeze_blocks, freeze_batch_norm)
+        learning_rate *= learning_rate_factor
+        name = FINE_TUNING_BACKUP
+    elif unfreeze_blocks != -1:
+        set_backbone_trainable(model, unfreeze_blocks, freeze_batch_norm)
+    if min_steps > 0:  # the epoch length train_in_phases gives this phase (small data sets)
+        steps_per_epoch = max(steps_per_epoch, -(-min_steps // max(epochs - frozen_epochs, 1)))
+    return train(model, train_data, val_data, label_rank, run_dir, steps_per_epoch, epochs=epochs,
+                 learning_rate=learning_rate, initial_epoch=initial_epoch, backup_name=name,
+                 **train_kwargs)
 
 
 def _report_truncation(split, max_length, from_files):
@@ -255,15 +360,20 @@ def _report_truncation(split, max_length, from_files):
         )
 
 
-def run_evaluate(run_dir, data_config=None, split=None, threshold=None, out_dir=None):
+def run_evaluate(run_dir, data_config=None, split=None, threshold=None, out_dir=None, strict=False):
     """Evaluates a run's best model on a split; writes metrics.json, report.md and plots.
+
+    Report the "test" split: val chose `best.keras` and tuned the
+    thresholds, so numbers on val are in-sample (marked so in metrics.json
+    and the report). Images that could not be scored are listed there too.
 
     Args:
         run_dir: a run directory from `run_train`.
         data_config: optional config file whose `data` section replaces the run's.
-        split: "val" or "train" (default: the config's `eval.split`).
+        split: "test", "val" or "train" (default: the config's `eval.split`).
         threshold: score threshold (default: the config's `eval.threshold`).
         out_dir: where to write (default `run_dir/eval`).
+        strict: fail (`UnscoredImagesError`) when an image could not be scored.
 
     Returns:
         The metrics dict (see `evaluation.evaluate_run.evaluate_model`).
@@ -283,10 +393,16 @@ def run_evaluate(run_dir, data_config=None, split=None, threshold=None, out_dir=
             f"({len(chosen.names)} vs {len(vocabulary)} labels); evaluate on data "
             "with the same categories"
         )
-    dataset = as_dataset(
-        chosen.examples, config, False, batch_size=config["eval"]["batch_size"],
-        from_files=chosen.from_files,
+    from_files = chosen.from_files
+    source = chosen.examples.to_dataset() if isinstance(chosen.examples, LabeledImages) else chosen.examples
+    dataset = make_dataset(
+        source, image_size_of(config), config["eval"]["batch_size"], from_files=from_files,
+        resize=config["data"]["resize"], with_names=True,
     )
+    expected = chosen.num_examples if chosen.num_examples and chosen.num_examples > 0 else None
+    if from_files:
+        skipped = {path for path, _ in chosen.unreadable}
+        expected = sorted(set(chosen.examples.paths) | skipped)
     return evaluate_model(
         model,
         dataset,
@@ -295,4 +411,7 @@ def run_evaluate(run_dir, data_config=None, split=None, threshold=None, out_dir=
         threshold=threshold,
         tuned_thresholds=load_run_thresholds(run_dir, vocabulary),
         split=split,
+        expected=expected,
+        unreadable=chosen.unreadable,
+        strict=strict,
     )

@@ -53,8 +53,36 @@ def test_val_cut_from_train_is_the_same_as_in_training(tmp_path):
     assert train.examples.paths == splits.train.paths and train.num_examples == 16
     with pytest.raises(ValueError, match="no val split; set data.val_annotations"):
         load_split(dict(data, val_fraction=0.0), "val")
-    with pytest.raises(ValueError, match="unknown split 'test'"):
+    with pytest.raises(ValueError, match="no test split; set data.test_annotations"):
         load_split(data, "test")
+    with pytest.raises(ValueError, match="unknown split 'holdout'"):
+        load_split(data, "holdout")
+
+
+def test_test_fraction_is_cut_before_val_and_never_trained_on(tmp_path):
+    _folder_sorted_by_label(tmp_path, per_label=10)
+    data = _data(source="folder", train_path=str(tmp_path), val_fraction=0.2, test_fraction=0.25,
+                 split_seed=4)
+    splits = load_splits(data)
+    test = load_split(data, "test")
+    assert test.num_examples == 10  # a quarter of 40
+    train, val = set(splits.train.paths), set(splits.val.paths)
+    assert not set(test.examples.paths) & (train | val)
+    assert len(train | val | set(test.examples.paths)) == 40
+    # Evaluation reads the same cuts as training did.
+    assert load_split(data, "train").examples.paths == splits.train.paths
+    assert load_split(data, "val").examples.paths == splits.val.paths
+    assert test.names == splits.vocabulary.names
+
+
+def test_own_test_folder_is_loaded_as_the_test_split(tmp_path):
+    train = _folder_sorted_by_label(tmp_path / "train", per_label=2)
+    _folder_sorted_by_label(tmp_path / "test", labels=("bread",), per_label=3)
+    data = _data(source="folder", train_path=str(tmp_path / "train"), test_path=str(tmp_path / "test"),
+                 test_fraction=0.5)  # own test data: no cut from train
+    test = load_split(data, "test", vocabulary=train.vocabulary)
+    assert test.num_examples == 3 and test.names == ["apple", "bread", "cheese", "dates"]
+    assert load_splits(data).num_train == 8
 
 
 @pytest.mark.parametrize("value", ["true", "false", "memory", "none", "/data/cache/coco224"])

@@ -8,7 +8,7 @@ The one place where a source name (`demo`, `coco_json`, `folder`, `csv`,
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hybridnet_tf.data.labeled_images import LabeledImages
 from hybridnet_tf.vocabulary import LabelVocabulary
@@ -27,6 +27,8 @@ class Splits:
         from_files: True for file sources (`LabeledImages`), False for TFDS.
         num_train: images in `train`.
         num_val: images in `val` (None when unknown or no val).
+        unreadable: `{split: [(path, reason), ...]}` of the files left out
+            because they cannot be decoded (file sources).
     """
 
     train: object
@@ -35,6 +37,7 @@ class Splits:
     from_files: bool
     num_train: int
     num_val: int = None
+    unreadable: dict = field(default_factory=dict)
 
 
 def _require(data, *keys):
@@ -45,11 +48,14 @@ def _require(data, *keys):
         )
 
 
-def drop_unreadable(images, split):
-    """Drops files that cannot be decoded, with one warning naming a few of them."""
+def drop_unreadable(images, split, bad=None):
+    """Drops files that cannot be decoded, with one warning naming a few of them.
+
+    `bad`: the `find_unreadable_images` result when already known.
+    """
     from hybridnet_tf.data.image_check import find_unreadable_images
 
-    bad = find_unreadable_images(images.paths)
+    bad = find_unreadable_images(images.paths) if bad is None else bad
     if not bad:
         return images
     bad_paths = {path for path, _ in bad}
@@ -73,7 +79,7 @@ def load_splits(data):
     """
     if data["source"] == "tfds":
         return _load_tfds_splits(data)
-    train = _load_files(data, "train")
+    train, _ = _train_and_test_cut(data)
     val = None
     if _has_own_val(data):
         val = _load_files(data, "val", vocabulary=train.vocabulary)
@@ -82,6 +88,30 @@ def load_splits(data):
 
         train, val = split_train_val(train, data["val_fraction"], seed=data["split_seed"])
     return files_splits(train, val)
+
+
+def _has_own_test(data):
+    """Whether a file source names its own test data (else test, if any, is cut from train)."""
+    if data["source"] == "coco_json":
+        return bool(data["test_annotations"])
+    if data["source"] in ("folder", "csv"):
+        return bool(data["test_path"])
+    return False
+
+
+def _train_and_test_cut(data):
+    """The train images less a `data.test_fraction` cut (seeded, made before val is cut), and the cut.
+
+    Loaded without a given vocabulary on purpose: the stratified cut depends
+    on the label columns, which must be the same at training and evaluation.
+    """
+    train = _load_files(data, "train")
+    if data["test_fraction"] <= 0 or _has_own_test(data):
+        return train, None
+    from hybridnet_tf.data.splits import split_train_val
+
+    # Another seed than the val cut's, so the two cuts are not alike.
+    return split_train_val(train, data["test_fraction"], seed=data["split_seed"] + 1)
 
 
 def _has_own_val(data):
@@ -99,13 +129,18 @@ def files_splits(train, val=None):
 
     Also the way in for callers that cut their own splits (e.g. cross-validation folds).
     """
-    train = drop_unreadable(train, "train")
+    from hybridnet_tf.data.image_check import find_unreadable_images
+
+    unreadable = {"train": find_unreadable_images(train.paths)}
+    train = drop_unreadable(train, "train", unreadable["train"])
     vocabulary = train.vocabulary.with_frequencies(train.labels)
     train = LabeledImages(train.paths, train.labels, vocabulary)
     if val is not None:
-        val = drop_unreadable(val, "val")
+        unreadable["val"] = find_unreadable_images(val.paths)
+        val = drop_unreadable(val, "val", unreadable["val"])
         val = LabeledImages(val.paths, val.labels, vocabulary)
-    return Splits(train, val, vocabulary, True, len(train), None if val is None else len(val))
+    return Splits(train, val, vocabulary, True, len(train), None if val is None else len(val),
+                  unreadable)
 
 
 def _tfds_options(data):
@@ -151,25 +186,35 @@ class OneSplit:
         from_files: True for file sources, False for TFDS.
         num_examples: images in `examples`.
         names: the label names the data's multi-hot columns refer to.
+        unreadable: `(path, reason)` of the files left out because they cannot
+            be decoded (`image_check.find_unreadable_images`).
     """
 
     examples: object
     from_files: bool
     num_examples: int
     names: list
+    unreadable: list = field(default_factory=list)
 
 
 def load_split(data, split="val", vocabulary=None):
-    """Loads only the train or the val split of a config's `data` section.
+    """Loads only the train, val or test split of a config's `data` section.
 
     For evaluation and int8 calibration: unlike `load_splits`, it reads no
     more than the chosen split (no check of the other split's files, no
-    pass over TFDS train for label frequencies). A val split cut from train
-    by `data.val_fraction` still needs the whole train list to cut it.
+    pass over TFDS train for label frequencies). A split cut from train
+    by `data.val_fraction` / `data.test_fraction` still needs the whole
+    train list to cut it.
+
+    The test split (`data.test_annotations` / `test_images`, `test_path`,
+    `tfds_test_split`, or `test_fraction` of train) is never trained on nor
+    used to choose `best.keras` or tune thresholds: the split to report.
+
+    Files that cannot be read are left out and listed in `unreadable`.
 
     Args:
         data: the `data` mapping of a config.
-        split: "train" or "val".
+        split: "train", "val" or "test".
         vocabulary: a `LabelVocabulary` to map file sources' labels onto,
             usually the run's `vocabulary.json` (None: built from the data).
 
@@ -179,30 +224,49 @@ def load_split(data, split="val", vocabulary=None):
     Raises:
         ValueError: when the config has no such split.
     """
-    if split not in ("train", "val"):
-        raise ValueError(f"unknown split {split!r}; choose 'train' or 'val'")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}; choose 'train', 'val' or 'test'")
     source = data["source"]
     if source == "tfds":
-        name = data["tfds_train_split"] if split == "train" else data["tfds_val_split"]
+        name = data[f"tfds_{split}_split"]
         if not name:
-            raise ValueError("the data config has no val split; set data.tfds_val_split")
+            raise ValueError(f"the data config has no {split} split; set data.tfds_{split}_split")
         dataset, vocab, count = _load_tfds_split(data, name, training=False)
         return OneSplit(dataset, False, count, vocab.names)
-    if _has_own_val(data):
-        images = drop_unreadable(_load_files(data, split, vocabulary), split)
-        return OneSplit(images, True, len(images), images.vocabulary.names)
-    if data["val_fraction"] > 0:
-        # Val is a seeded cut of train: both come from the whole train list.
+    if split == "test":
+        if _has_own_test(data):
+            return _readable_split(_load_files(data, "test", vocabulary), "test")
+        if data["test_fraction"] <= 0:
+            raise ValueError(
+                "the data config has no test split; set data.test_annotations (coco_json) / "
+                "data.test_path (folder, csv) / data.tfds_test_split, or data.test_fraction"
+            )
+        _, test = _train_and_test_cut(data)
+        return _readable_split(test, "test")
+    cut_test = data["test_fraction"] > 0 and not _has_own_test(data)
+    if _has_own_val(data) and not (split == "train" and cut_test):
+        return _readable_split(_load_files(data, split, vocabulary), split)
+    if data["val_fraction"] > 0 or (split == "train" and cut_test):
+        # Val (and test) are seeded cuts of train: all come from the whole train list.
         splits = load_splits(data)
         chosen = splits.val if split == "val" else splits.train
-        return OneSplit(chosen, True, len(chosen), splits.vocabulary.names)
+        return OneSplit(chosen, True, len(chosen), splits.vocabulary.names,
+                        unreadable=splits.unreadable.get(split, []))
     if split == "val":
         raise ValueError(
             "the data config has no val split; set data.val_annotations / data.val_path "
             "or data.val_fraction"
         )
-    images = drop_unreadable(_load_files(data, split, vocabulary), split)
-    return OneSplit(images, True, len(images), images.vocabulary.names)
+    return _readable_split(_load_files(data, split, vocabulary), split)
+
+
+def _readable_split(images, split):
+    """A `OneSplit` of the readable files of `images`; the others in `unreadable`."""
+    from hybridnet_tf.data.image_check import find_unreadable_images
+
+    bad = find_unreadable_images(images.paths)
+    kept = drop_unreadable(images, split, bad)
+    return OneSplit(kept, True, len(kept), kept.vocabulary.names, unreadable=bad)
 
 
 def _load_files(data, split, vocabulary=None):
@@ -219,8 +283,8 @@ def _load_files(data, split, vocabulary=None):
         if split == "train":
             annotations, images = paths["train_annotations"], paths["train_images"]
         else:
-            annotations = paths["val_annotations"]
-            images = paths["val_images"] or paths["train_images"]
+            annotations = paths[f"{split}_annotations"]
+            images = paths[f"{split}_images"] or paths["train_images"]
         return load_coco_json(
             annotations,
             images,
@@ -233,7 +297,7 @@ def _load_files(data, split, vocabulary=None):
         from hybridnet_tf.data import folder_csv
 
         _require(data, "train_path")
-        path = data["train_path"] if split == "train" else data["val_path"]
+        path = data[f"{split}_path"]
         separator = data["label_separator"]
         if source == "folder":
             return folder_csv.load_folder(path, label_separator=separator or "_", vocabulary=vocabulary)

@@ -35,13 +35,26 @@ def collect_predictions(model, dataset, max_batches=None, progress=False):
 
     Args:
         model: an inference model from `build_model` (or loaded from `.keras`).
-        dataset: batches of `(images, multi_hot)`.
+        dataset: batches of `(images, multi_hot)` (a third element, e.g. the
+            names of `make_dataset(with_names=True)`, is ignored here; see
+            `collect_named_predictions`).
         max_batches: stop after this many batches (None: all).
         progress: show a Keras progress bar.
 
     Returns:
         `(y_true [N, L], scores [N, L], decoded [N, L])`, numpy float32;
         `decoded` is the 0/1 decoded label set of each image.
+    """
+    y_true, scores, decoded, _ = collect_named_predictions(model, dataset, max_batches, progress)
+    return y_true, scores, decoded
+
+
+def collect_named_predictions(model, dataset, max_batches=None, progress=False):
+    """`collect_predictions`, plus the name of each scored image.
+
+    Returns:
+        `(y_true, scores, decoded, names)`: `names` is a list of N strings
+        from batches of `(images, multi_hot, names)`, else None.
     """
     predict = predict_function(model)
     if max_batches is not None:
@@ -55,12 +68,14 @@ def collect_predictions(model, dataset, max_batches=None, progress=False):
         import keras
 
         bar = keras.utils.Progbar(total, unit_name="batch")
-    y_true, scores, label_ids = [], [], []
-    for images, labels in dataset:
+    y_true, scores, label_ids, names = [], [], [], []
+    for images, labels, *batch_names in dataset:
         outputs = predict(images)
         y_true.append(labels.numpy())
         scores.append(outputs["scores"].numpy())
         label_ids.append(outputs["label_ids"].numpy())
+        if batch_names:
+            names += [name.decode("utf-8", "replace") for name in batch_names[0].numpy()]
         if bar is not None:
             bar.add(1)
     if not y_true:
@@ -68,4 +83,4 @@ def collect_predictions(model, dataset, max_batches=None, progress=False):
     y_true = np.concatenate(y_true).astype(np.float32)
     scores = np.concatenate(scores).astype(np.float32)
     decoded = decoded_to_multi_hot(np.concatenate(label_ids), y_true.shape[1])
-    return y_true, scores, decoded
+    return y_true, scores, decoded, (names if len(names) == len(y_true) else None)

@@ -29,6 +29,25 @@ def _markdown_cell(text):
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _caveat_lines(metrics):
+    """report.md lines on in-sample numbers and on images that could not be scored."""
+    lines = []
+    in_sample = metrics.get("in_sample") or {}
+    if in_sample:
+        split = metrics.get("split", "this split")
+        lines += [f"**In-sample on {split}:** " + "; ".join(in_sample.values()) + ". For numbers to "
+                  "report, evaluate the test split (`hybridnet-tf evaluate --split test`).", ""]
+    unscored = metrics.get("unscored") or {}
+    if unscored.get("count"):
+        lines += [f"**{unscored['count']} image(s) could not be scored** and are not in these numbers:", ""]
+        lines += [f"- {_markdown_cell(item['path'])}: {_markdown_cell(item['reason'])}"
+                  for item in unscored["images"][:50]]
+        if unscored["count"] > 50:
+            lines.append(f"- ... {unscored['count'] - 50} more in metrics.json")
+        lines.append("")
+    return lines
+
+
 def _summary_markdown(metrics, paths):
     """The text of report.md."""
     # Optional columns: the decoder's own label sets, and tuned thresholds.
@@ -61,6 +80,7 @@ def _summary_markdown(metrics, paths):
         f"Labels are predicted at {threshold_text}; top-3 keeps each image's 3 best "
         "labels above it. All numbers in %.",
         "",
+        *_caveat_lines(metrics),
         header,
         rule,
         *rows,

@@ -263,12 +263,15 @@ def _read_json(path, what):
 
 
 def _thresholds_file(path, names):
-    """`{"global", "per_class"}` from a thresholds file, or None when it is absent."""
-    from hybridnet_tf.evaluation.thresholds import load_thresholds
+    """`{"global", "per_class"}` from a thresholds file, or None when it is absent.
 
-    if not os.path.isfile(path):
+    A damaged file raises a `BrokenRunFileError` naming it and what to do.
+    """
+    from hybridnet_tf.run_files import read_thresholds_file
+
+    loaded = read_thresholds_file(path, names)
+    if loaded is None:
         return None
-    loaded = load_thresholds(path, names=names)
     return {"global": loaded["global"], "per_class": loaded["per_class"]}
 
 
@@ -283,12 +286,9 @@ def run_thresholds(run_dir, config, vocabulary):
 
 def _load_keras_file(path):
     """A `.keras` file with `vocabulary.json` (and optionally `config.yaml`) beside it."""
-    import keras
-
-    import hybridnet_tf.model.label_decoder  # noqa: F401  (registers the custom layer)
     from hybridnet_tf.config import load_config
     from hybridnet_tf.experiment import image_size_of
-    from hybridnet_tf.run_files import CONFIG_FILE, VOCABULARY_FILE
+    from hybridnet_tf.run_files import CONFIG_FILE, VOCABULARY_FILE, load_run_model, load_run_vocabulary
     from hybridnet_tf.export.saved_model import model_image_size
 
     directory = os.path.dirname(os.path.abspath(path))
@@ -298,8 +298,8 @@ def _load_keras_file(path):
             f"{vocabulary_path} not found: a .keras model needs the vocabulary.json of its "
             "run beside it (or pass the run directory)"
         )
-    vocabulary = LabelVocabulary.load(vocabulary_path)
-    model = keras.models.load_model(path, safe_mode=True)
+    vocabulary = load_run_vocabulary(directory)
+    model = load_run_model(directory, os.path.basename(path))
     config_path = os.path.join(directory, CONFIG_FILE)
     config = load_config(config_path) if os.path.isfile(config_path) else None
     image_size = image_size_of(config) if config else model_image_size(model)
