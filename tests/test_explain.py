@@ -186,24 +186,31 @@ def test_explain_and_predict_explain_commands(colour_model, tmp_path, capsys):
     assert "unknown label(s) ['cat']" in capsys.readouterr().err
 
 
-def test_attention_decoder_maps_come_from_its_own_weights():
+@pytest.mark.parametrize("head", ["hybrid", "hybrid_rnn"])
+def test_attention_decoder_maps_come_from_its_own_weights(head):
     try:
-        from hybridnet_tf.model.hybridnet import with_attention_output  # noqa: F401
+        from hybridnet_tf.model.hybridnet import with_attention_output
     except ImportError:
         pytest.skip("the attention decoder (hybridnet.with_attention_output) is not in this tree yet")
-    model = build_model(3, image_size=SIZE, decoder="attention", gru_units=16, embedding_dim=8)
+    model = build_model(3, image_size=SIZE, head=head, decoder="attention", gru_units=16, embedding_dim=8)
     assert has_attention_decoder(model)
-    explainer = Explainer(model, ["a", "b", "c"])
-    images = tf.random.uniform((2, SIZE, SIZE, 3), 0, 255).numpy()
-    explained = explainer.explain(images, ("top", 3))
+    images = tf.random.uniform((4, SIZE, SIZE, 3), 0, 255, seed=3).numpy()
+    explained = Explainer(model, ["a", "b", "c"]).explain(images, ("top", 3))
     attention = with_attention_output(model)(images)
+    methods = []
     for row, items in enumerate(explained):
         ids = attention["label_ids"].numpy()[row].tolist()
         for item in items:
+            methods.append(item["method"])
             if item["index"] in ids:
-                step = ids.index(item["index"])
-                weights = attention["attention"].numpy()[row, step]
+                weights = attention["attention"].numpy()[row, ids.index(item["index"])]
                 assert item["method"] == "attention"
                 np.testing.assert_allclose(item["heat_map"], weights / weights.max(), atol=1e-6)
-            else:
+            else:  # not emitted by the decoder: no attention step to show, Grad-CAM instead
                 assert item["method"] == "grad_cam"
+    assert "attention" in methods
+    # Grad-CAM also works through the attention decoder (the heads read the map there).
+    split = SpatialSplit(model)
+    assert split.map_shape == (SIZE // 8, SIZE // 8, 128)
+    grad_cam_only = Explainer(model, ["a", "b", "c"], method="grad_cam").explain(images, ("top", 2))
+    assert {item["method"] for items in grad_cam_only for item in items} == {"grad_cam"}

@@ -82,8 +82,10 @@ class SpatialSplit:
         self.model = model
         encoder = model.get_layer(IMAGE_ENCODER)
         self._to_spatial, tail = _split(encoder)
-        self._tail = _chain(tail)
+        self._tail = _chain(tail)  # map -> the pooled feature
         self._heads = build_head_model(model)
+        # The heads read the pooled feature, or (attention decoder) the map itself.
+        self._heads_read_map = len(self._heads.input.shape) == 4
         mix = layer_or_none(model, "score_mix")
         self._sigmoid_head = layer_or_none(model, SIGMOID_HEAD)
         if mix is not None and mix.sigmoid_weight != 1.0:
@@ -111,11 +113,11 @@ class SpatialSplit:
         The target is the sigmoid head's logits where the scores are its
         sigmoid, else the scores themselves.
         """
-        pooled = self._tail(spatial)
         if self._sigmoid_head is not None:
-            logits = tf.cast(self._sigmoid_head(pooled, training=False), tf.float32)
+            logits = tf.cast(self._sigmoid_head(self._tail(spatial), training=False), tf.float32)
             return logits, tf.sigmoid(logits)
-        scores = tf.cast(self._heads(pooled, training=False)["scores"], tf.float32)
+        head_input = spatial if self._heads_read_map else self._tail(spatial)
+        scores = tf.cast(self._heads(head_input, training=False)["scores"], tf.float32)
         return scores, scores
 
 
