@@ -14,7 +14,7 @@ from hybridnet_tf.model.hybridnet import (
     training_loss,
     with_training_targets,
 )
-from hybridnet_tf.model.label_sequences import aligned_label_sequence, ranked_labels
+from hybridnet_tf.model.label_sequences import aligned_label_sequence, predicted_label_alignment, ranked_labels
 from hybridnet_tf.model.losses import AsymmetricLoss, OrderlessSequenceLoss, sigmoid_loss
 from hybridnet_tf.model.sigmoid_head import ScoresToLabels
 
@@ -26,6 +26,8 @@ VARIANTS = {
     "hybrid_rnn_orderless_beam": ("hybrid_rnn", dict(label_order="orderless", beam_width=3)),
     "bce_asl": ("bce", dict(sigmoid_loss="asl")),
     "hybrid_random_beam": ("hybrid", dict(label_order="random", beam_width=2, score_mix=0.3)),
+    "hybrid_attention_beam": ("hybrid", dict(decoder="attention", attention_gate=True, beam_width=2)),
+    "hybrid_rnn_attention_orderless": ("hybrid_rnn", dict(decoder="attention", label_order="orderless")),
 }
 
 
@@ -44,7 +46,7 @@ def _numpy_asl(y, logits, gamma_neg, gamma_pos, clip):
     p_m = np.maximum(p - clip, 0.0)
     positive = y * (1 - p) ** gamma_pos * np.log(p)
     negative = (1 - y) * p_m**gamma_neg * np.log(1 - p_m)
-    return np.mean(-(positive + negative).mean(axis=-1))
+    return np.mean(-(positive + negative).sum(axis=-1))
 
 
 @pytest.mark.parametrize("gamma_neg, gamma_pos, clip", [(4, 0, 0.05), (2, 1, 0.1), (3, 0.5, 0.0)])
@@ -65,11 +67,12 @@ def test_asl_matches_the_formula(gamma_neg, gamma_pos, clip):
     assert np.all(np.isfinite(tape.gradient(value, extreme).numpy()))
 
 
-def test_asl_without_focusing_or_clip_is_binary_cross_entropy():
+def test_asl_without_focusing_or_clip_is_binary_cross_entropy_summed_over_labels():
     rng = np.random.default_rng(1)
     y = (rng.random((8, 6)) < 0.3).astype(np.float32)
     logits = rng.normal(0, 3, (8, 6)).astype(np.float32)
-    expected = keras.losses.BinaryCrossentropy(from_logits=True)(y, logits)
+    # Summed over the 6 labels (the ASL paper's reduction), averaged over images.
+    expected = 6 * keras.losses.BinaryCrossentropy(from_logits=True)(y, logits)
     np.testing.assert_allclose(float(AsymmetricLoss(0, 0, 0)(y, logits)), float(expected), rtol=1e-5)
     np.testing.assert_allclose(float(sigmoid_loss("bce")(y, logits)), float(expected), rtol=1e-5)
     assert float(sigmoid_loss("asl")(y, logits)) < float(expected)  # easy negatives down-weighted
@@ -82,11 +85,11 @@ def test_orderless_loss_is_cross_entropy_on_aligned_targets():
     logits = rng.normal(0, 2, (3, 4, NUM_LABELS + 1)).astype(np.float32)
     multi_hot = np.array([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], np.float32)
     ranked = ranked_labels(multi_hot, [3, 2, 1, 0])
-    targets = aligned_label_sequence(ranked, logits.argmax(-1), 4)
-    expected = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1)(
-        targets, logits
-    )
-    np.testing.assert_allclose(float(OrderlessSequenceLoss()(ranked, logits)), float(expected), rtol=1e-6)
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1)
+    paper = cross_entropy(predicted_label_alignment(ranked, logits), logits)
+    np.testing.assert_allclose(float(OrderlessSequenceLoss()(ranked, logits)), float(paper), rtol=1e-6)
+    old = cross_entropy(aligned_label_sequence(ranked, logits.argmax(-1), 4), logits)
+    np.testing.assert_allclose(float(OrderlessSequenceLoss("sorted")(ranked, logits)), float(old), rtol=1e-6)
 
 
 def test_scores_to_labels_lists_scores_from_half_in_descending_order():
@@ -136,7 +139,8 @@ def test_keras_round_trip_with_safe_mode(name, tmp_path):
 
 @pytest.mark.parametrize(
     "name",
-    ["bce_asl", "hybrid_random_beam", "hybrid_rnn",
+    ["bce_asl", "hybrid_random_beam", "hybrid_rnn", "hybrid_attention_beam",
+     pytest.param("hybrid_rnn_attention_orderless", marks=pytest.mark.slow),
      # XLA takes ~20 s over the unrolled self-fed loop on 2 CPU cores.
      pytest.param("hybrid_rnn_orderless_beam", marks=pytest.mark.slow)],
 )
@@ -208,3 +212,25 @@ def test_config_keys_reach_build_model():
     assert CHOICES[("model", "head")] == HEADS
     assert CHOICES[("model", "label_order")] == LABEL_ORDERS
     assert CHOICES[("model", "sigmoid_loss")] == SIGMOID_LOSSES
+
+
+def test_bce_label_sets_follow_per_label_thresholds_through_a_round_trip(tmp_path):
+    from hybridnet_tf.model.hybridnet import set_label_thresholds
+
+    # max_length 5 lists all 4 labels, so only the thresholds decide.
+    model = build_model(NUM_LABELS, image_size=SIZE, head="bce", max_length=5)
+    images = _images()
+    scores = model(images)["scores"].numpy()
+    # Per-label thresholds just below labels 0 and 2's image-0 scores, just above the others'.
+    row = scores[0]
+    thresholds = np.where(np.isin(np.arange(NUM_LABELS), [0, 2]), row - 1e-4, row + 1e-4)
+    assert set_label_thresholds(model, thresholds)
+    out = model(images)
+    assert sorted(i for i in out["label_ids"].numpy()[0] if i >= 0) == [0, 2]
+    expected = scores >= thresholds[None, :]
+    np.testing.assert_array_equal(out["num_labels"].numpy(), expected.sum(1))
+    path = str(tmp_path / "bce.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(loaded(images)["label_ids"], out["label_ids"])
+    assert not set_label_thresholds(_model("hybrid_rnn"), 0.3)  # decoders choose their own sets

@@ -9,7 +9,8 @@ Heads (`head=`):
 - `hybrid_rnn`: the GRU label decoder of the CNN-RNN (Wang et al.,
   CVPR 2016); scores and label set come from decoding.
 - `bce`: a sigmoid per label on the image feature, trained with binary
-  cross-entropy or ASL; its label set is the labels with score >= 0.5.
+  cross-entropy or ASL; its label set is the labels with score >= their
+  threshold (`label_threshold`, then the tuned per-label thresholds).
 
 Decoders (`decoder=`, decoder heads): `pooled` reads the pooled image
 feature at every step; `attention` attends over the backbone's spatial map
@@ -23,6 +24,7 @@ weights, so training one trains the other.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from hybridnet_tf.model.attention_decoder import AttentionLabelDecoder
@@ -77,14 +79,17 @@ def build_model(
     decoder="pooled",
     attention_units=128,
     attention_gate=False,
+    label_threshold=0.5,
+    hub_preset=None,
 ):
     """Builds the HybridNet inference model.
 
     Args:
         num_labels: number of labels in the vocabulary.
-        backbone: a key of `BACKBONES`.
+        backbone: a key of `BACKBONES` ("hub": a KerasHub preset, `hub_preset`).
         image_size: input size in pixels; the backbone's default when None.
-        weights: backbone weights: None, "imagenet" or a weights file path.
+        weights: backbone weights: None, "imagenet" or a weights file path
+            ("preset" or None for `hub`).
         max_length: decoding steps, END included (so at most
             `max_length - 1` labels per image); for `bce`, the columns of
             `label_ids`.
@@ -114,6 +119,11 @@ def build_model(
             scratch (which needs its BatchNorm to learn).
         decoder: "pooled" or "attention" (decoder heads; see the module docstring).
         attention_units, attention_gate: see `AttentionLabelDecoder`.
+        label_threshold: `bce` head: the score a label needs to be in the
+            label set (`eval.threshold`; per-label tuned thresholds replace it
+            after training, `set_label_thresholds`).
+        hub_preset: for backbone "hub": a KerasHub preset name, "hf://...",
+            "kaggle://..." or a local preset directory (`hub_backbones.py`).
 
     Returns:
         A functional `keras.Model` from `image` [B, H, W, 3] (0..255 pixels)
@@ -135,8 +145,8 @@ def build_model(
         raise ValueError(f"unknown decoder {decoder!r}; choose one of {list(DECODERS)}")
     if sigmoid_loss not in SIGMOID_LOSSES:
         raise ValueError(f"unknown sigmoid_loss {sigmoid_loss!r}; choose one of {list(SIGMOID_LOSSES)}")
-    image_size = image_size or BACKBONES[backbone].default_size
-    backbone_model = build_backbone(backbone, image_size, weights=weights)
+    backbone_model = build_backbone(backbone, image_size, weights=weights, hub_preset=hub_preset)
+    image_size = backbone_model.input.shape[1]  # the backbone's default (a hub preset's own) when None
     if freeze_batch_norm is None:
         freeze_batch_norm = weights is not None
     if freeze_batch_norm:
@@ -188,7 +198,7 @@ def build_model(
         head_layers["sigmoid"] = keras.layers.Activation("sigmoid", dtype="float32", name="sigmoid")
     if head == "bce":
         head_layers["labels_above_half"] = ScoresToLabels(
-            max_length, threshold=0.5, dtype="float32", name="labels_above_half"
+            max_length, threshold=label_threshold, dtype="float32", name="labels_above_half"
         )
     if head == "hybrid":
         head_layers["score_mix"] = ScoreMix(score_mix, dtype="float32", name="score_mix")
@@ -310,6 +320,21 @@ def with_attention_output(model):
     feature_map = encoded[1]
     outputs["attention"] = model.get_layer(LABEL_DECODER)(feature_map, attention_for=outputs["label_ids"])
     return keras.Model(image, outputs, name="hybridnet_with_attention")
+
+
+def set_label_thresholds(model, thresholds):
+    """Sets the per-label thresholds of a `bce` model's label set; False for other heads.
+
+    Args:
+        model: a model from `build_model`.
+        thresholds: a float or [L] per-label thresholds (e.g. tuned on val).
+    """
+    layer = layer_or_none(model, "labels_above_half")
+    if layer is None:
+        return False
+    values = np.broadcast_to(np.asarray(thresholds, np.float32), layer.thresholds.shape)
+    layer.thresholds.assign(values)
+    return True
 
 
 def layer_or_none(model, name):

@@ -17,15 +17,18 @@ The order in which an image's labels are read out in training is chosen by
   (`random_label_sequence`, seeded and in-graph; Vinyals et al., "Order
   Matters", ICLR 2016, and Yazici et al. use it as a baseline).
 - `orderless`: predicted label alignment, PLA (Yazici et al., "Orderless
-  Recurrent Models for Multi-label Classification", CVPR 2020): the targets
-  follow the order of the labels the decoder itself predicts
-  (`aligned_label_sequence`); the labels it missed follow in freq2rare order.
+  Recurrent Models for Multi-label Classification", CVPR 2020): a label the
+  decoder predicted correctly stays the target of the step that predicted
+  it, and the labels it missed go to the remaining steps by minimum cost
+  on its own probabilities (`predicted_label_alignment`).
 
 All functions are plain TensorFlow ops, so they run inside `tf.data` and
 inside a model (XLA included).
 """
 
 import tensorflow as tf
+
+from hybridnet_tf.model.assignment import _IMPOSSIBLE, min_cost_assignment
 
 PAD_ID = -1
 
@@ -148,7 +151,7 @@ def ranked_labels(multi_hot, label_rank):
 
 
 def aligned_label_sequence(ranked, predicted_tokens, max_length):
-    """Predicted label alignment (PLA; Yazici et al., CVPR 2020).
+    """The project's first PLA rule ("sorted"; `predicted_label_alignment` is the paper's).
 
     The target sequence is re-ordered to agree with what the decoder
     predicted: first the true labels the decoder predicted (before its first
@@ -187,6 +190,84 @@ def aligned_label_sequence(ranked, predicted_tokens, max_length):
     first_step = tf.cast(tf.math.argmax(hits, axis=-2), tf.int32)
     keys = tf.where(was_predicted, first_step, steps + ranked)
     return sequence_from_keys(keys, present, max_length)
+
+
+def _first_columns(keys, present, count):
+    """Indices [..., count] of the present entries in ascending `keys`, padded with 0; and their validity."""
+    absent_key = tf.reduce_max(keys, axis=-1, keepdims=True) + tf.ones([], keys.dtype)
+    order = tf.argsort(tf.where(present, keys, absent_key), axis=-1, stable=True)
+    pad = tf.zeros(tf.concat([tf.shape(order)[:-1], [count]], axis=0), tf.int32)
+    order = tf.concat([order, pad], axis=-1)[..., :count]
+    valid = tf.range(count) < tf.reduce_sum(tf.cast(present, tf.int32), axis=-1, keepdims=True)
+    return order, valid
+
+
+def predicted_label_alignment(ranked, logits):
+    """PLA targets by the rule of Yazici et al. (CVPR 2020), in the graph.
+
+    `logits` are the masked logits of a decoder run fed with its own argmax
+    tokens (`LabelDecoder(..., self_fed=True)`), so the argmax at step t is
+    the decoder's prediction there. With `n` the image's label count
+    (at most T - 1; with more, the predicted ones and then the best ranked
+    are kept), the targets of steps 0..n-1 are:
+
+    - the predicted label, at a step t < n that predicted a true label
+      before the decoder's first END (it stays where it was predicted);
+    - at the other steps, the true labels not kept that way, assigned by
+      the minimum total cost -log p_t(label) (the paper's Hungarian step;
+      exact, by `assignment.min_cost_assignment`, no gradient through it);
+
+    then END at step n and `PAD_ID` after. No target is a label the
+    decoder's no-repeat mask removed at its step: masked labels are those
+    it emitted earlier, which are either kept at their own step or not true.
+
+    Args:
+        ranked: [B, L] int, `ranked_labels` (rank of a true label, -1 if
+            absent): which labels the image has, and (rank) which to keep
+            when it has more than T - 1.
+        logits: [B, T, L+1] logits (T static).
+
+    Returns:
+        [B, T] int32 targets.
+    """
+    ranked = tf.cast(tf.convert_to_tensor(ranked), tf.int32)
+    logits = tf.convert_to_tensor(logits)
+    steps = logits.shape[1]
+    slots = steps - 1  # label-capable steps
+    num_labels = tf.shape(ranked)[-1]
+    present = ranked >= 0
+    predicted = tf.cast(tf.math.argmax(logits, axis=-1), tf.int32)
+    count = tf.minimum(tf.reduce_sum(tf.cast(present, tf.int32), axis=-1), slots)  # n
+    positions = tf.range(steps)
+    is_end = predicted >= num_labels
+    before_end = tf.equal(tf.cumsum(tf.cast(is_end, tf.int32), axis=-1), 0)
+    predicted_present = tf.gather(tf.pad(present, [[0, 0], [0, 1]]), predicted, batch_dims=1)
+    kept = before_end & predicted_present & (positions[None, :] < count[:, None])
+    kept_labels = tf.reduce_max(
+        tf.one_hot(predicted, num_labels, dtype=tf.int32) * tf.cast(kept, tf.int32)[..., None], axis=1
+    ) > 0
+    # The free steps (ascending) and the labels still to place (best rank first).
+    free = tf.logical_not(kept) & (positions[None, :] < count[:, None])
+    free_steps, free_valid = _first_columns(tf.broadcast_to(positions, tf.shape(free)), free, slots)
+    missing = present & tf.logical_not(kept_labels)
+    missing_labels, _ = _first_columns(ranked, missing, slots)
+    # As many labels to place as free steps: the first `free` ones by rank.
+    label_valid = free_valid
+    log_probs = tf.stop_gradient(tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1))
+    at_free_steps = tf.gather(log_probs, free_steps, batch_dims=1)  # [B, m, L+1]
+    cost = -tf.gather(at_free_steps, missing_labels, axis=2, batch_dims=1)  # [B, m, m]
+    # Padding rows and columns pair with each other at no cost, never with real ones.
+    real = tf.logical_and(free_valid[:, :, None], label_valid[:, None, :])
+    both_pad = tf.logical_and(~free_valid[:, :, None], ~label_valid[:, None, :])
+    cost = tf.where(real, tf.minimum(cost, _IMPOSSIBLE / 10), tf.where(both_pad, 0.0, _IMPOSSIBLE))
+    column = min_cost_assignment(cost)
+    placed = tf.gather(missing_labels, column, batch_dims=1)  # label of each free step
+    at_step = tf.one_hot(free_steps, steps, dtype=tf.int32) * tf.cast(free_valid, tf.int32)[..., None]
+    free_target = tf.reduce_sum(at_step * placed[..., None], axis=1)
+    is_free = tf.reduce_sum(at_step, axis=1) > 0
+    targets = tf.where(kept, predicted, tf.where(is_free, free_target, PAD_ID))
+    targets = tf.where(positions[None, :] == count[:, None], num_labels, targets)
+    return targets
 
 
 def decoder_inputs_from_targets(targets, num_labels):

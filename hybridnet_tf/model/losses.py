@@ -14,7 +14,7 @@
 import keras
 import tensorflow as tf
 
-from hybridnet_tf.model.label_sequences import PAD_ID, aligned_label_sequence
+from hybridnet_tf.model.label_sequences import PAD_ID, aligned_label_sequence, predicted_label_alignment
 
 SIGMOID_LOSSES = ("bce", "asl")
 
@@ -26,27 +26,42 @@ class OrderlessSequenceLoss(keras.losses.Loss):
     `y_pred` are the masked logits of a decoder run that fed back its own
     argmax tokens (`LabelDecoder(..., self_fed=True)`), so the argmax of
     each step *is* the decoder's prediction at that step. The loss reads
-    those predictions back, builds the targets with
-    `label_sequences.aligned_label_sequence` (true labels the decoder
-    predicted, in its order; then the missed ones by rank; then END), and
-    returns the per-step softmax cross-entropy with padding ignored. All of
-    it is in the graph, so `fit`, `jit_compile` and callbacks work as usual.
+    those predictions back, builds the targets and returns the per-step
+    softmax cross-entropy with padding ignored. All of it is in the graph,
+    so `fit`, `jit_compile` and callbacks work as usual.
+
+    Args:
+        rule: "paper" (default): `label_sequences.predicted_label_alignment`,
+            Yazici et al.'s rule (a correct prediction stays at its step, the
+            missed labels go to the other steps by minimum cost). "sorted":
+            `label_sequences.aligned_label_sequence`, the project's first
+            rule (correct predictions moved to the front in predicted order,
+            missed ones after them by rank), kept to compare against.
 
     Args (of `call`):
         y_true: [B, L] `label_sequences.ranked_labels` (rank or -1).
         y_pred: [B, T, L+1] logits.
     """
 
-    def __init__(self, name="orderless_sequence_loss", **kwargs):
+    def __init__(self, rule="paper", name="orderless_sequence_loss", **kwargs):
         super().__init__(name=name, **kwargs)
+        if rule not in ("paper", "sorted"):
+            raise ValueError(f"unknown PLA rule {rule!r}; choose 'paper' or 'sorted'")
+        self.rule = rule
 
     def call(self, y_true, y_pred):
         ranked = tf.cast(tf.round(y_true), tf.int32)
-        predicted = tf.cast(tf.math.argmax(y_pred, axis=-1), tf.int32)
-        targets = aligned_label_sequence(ranked, predicted, y_pred.shape[1] or tf.shape(y_pred)[1])
+        if self.rule == "paper":
+            targets = predicted_label_alignment(ranked, y_pred)
+        else:
+            predicted = tf.cast(tf.math.argmax(y_pred, axis=-1), tf.int32)
+            targets = aligned_label_sequence(ranked, predicted, y_pred.shape[1] or tf.shape(y_pred)[1])
         return keras.losses.sparse_categorical_crossentropy(
             targets, y_pred, from_logits=True, ignore_class=PAD_ID
         )
+
+    def get_config(self):
+        return {**super().get_config(), "rule": self.rule}
 
 
 @keras.saving.register_keras_serializable(package="hybridnet_tf")
@@ -59,11 +74,14 @@ class AsymmetricLoss(keras.losses.Loss):
         positive: -(1 - p) ** gamma_pos * log(p)
         negative: -p_m ** gamma_neg * log(1 - p_m)
 
-    The loss of an image is the mean over its labels, times `weight`; Keras
-    then averages over the batch. (The ASL paper sums over labels; the mean
-    only rescales it by 1/L and makes `gamma_neg = gamma_pos = clip = 0`
-    equal to `keras.losses.BinaryCrossentropy(from_logits=True)`.) The
-    focusing weights are differentiated through, as in the paper's
+    The loss of an image is the sum over its labels, as in the ASL paper,
+    times `weight`; Keras then averages over the batch. Summed, a sigmoid
+    head's loss has the scale of the decoder's sequence loss (a softmax
+    cross-entropy per step) whatever the number of labels, so `hybrid`
+    trains both heads with `aux_loss_weight` 1 (a mean would shrink the
+    sigmoid loss by 1/L: 1/80 on COCO). With `gamma_neg = gamma_pos = clip
+    = 0` it is `L` times `keras.losses.BinaryCrossentropy(from_logits=True)`.
+    The focusing weights are differentiated through, as in the paper's
     gradient analysis.
 
     Args:
@@ -126,7 +144,7 @@ class AsymmetricLoss(keras.losses.Loss):
         if self.gamma_neg > 0:
             negative = negative * _safe_pow(shifted, self.gamma_neg)
         per_label = -(y_true * positive + (1.0 - y_true) * negative)
-        return self.weight * tf.reduce_mean(per_label, axis=-1)
+        return self.weight * tf.reduce_sum(per_label, axis=-1)
 
     def get_config(self):
         config = super().get_config()
@@ -151,7 +169,7 @@ def sigmoid_loss(kind="bce", gamma_neg=4.0, gamma_pos=0.0, clip=0.05, weight=1.0
     """The loss of a sigmoid head by name: "bce" or "asl" (with its parameters).
 
     "bce" is `AsymmetricLoss(0, 0, clip=0)`, i.e. binary cross-entropy
-    averaged over labels, so both options share one code path and `weight`.
+    summed over labels, so both options share one code path and `weight`.
     """
     if kind == "bce":
         return AsymmetricLoss(gamma_neg=0.0, gamma_pos=0.0, clip=0.0, weight=weight, name="bce")

@@ -88,15 +88,18 @@ class SigmoidLabelHead(keras.layers.Layer):
 class ScoresToLabels(keras.layers.Layer):
     """Per-label scores -> `label_ids` [B, max_length] and `num_labels` [B].
 
-    `label_ids` are the labels whose score is >= `threshold`, highest score
-    first (ties: lower label id first), -1 after them; at most `max_length`
-    labels are listed (and counted in `num_labels`). Uses
+    `label_ids` are the labels whose score is >= their threshold, highest
+    score first (ties: lower label id first), -1 after them; at most
+    `max_length` labels are listed (and counted in `num_labels`). The
+    thresholds are a non-trainable per-label weight, so thresholds tuned
+    after training (`thresholds.json`) are saved with the model and its
+    exports (`hybridnet.set_label_thresholds`). Uses
     `beam_search.sorted_top_k` (argmax passes): builtins-only TFLite, and no
     multi-output op for int8 export to quantise.
 
     Args:
         max_length: columns of `label_ids`.
-        threshold: score a label needs to be listed.
+        threshold: the initial score every label needs to be listed.
     """
 
     def __init__(self, max_length, threshold=0.5, **kwargs):
@@ -104,11 +107,19 @@ class ScoresToLabels(keras.layers.Layer):
         self.max_length = max_length
         self.threshold = threshold
 
+    def build(self, input_shape):
+        self.thresholds = self.add_weight(
+            shape=(input_shape[-1],),
+            initializer=keras.initializers.Constant(self.threshold),
+            trainable=False,
+            name="thresholds",
+        )
+
     def call(self, scores):
         num_labels = scores.shape[-1]
         k = min(self.max_length, num_labels)
         values, indices = sorted_top_k(scores, k)
-        keep = values >= self.threshold
+        keep = values >= tf.gather(tf.cast(self.thresholds, values.dtype), indices)
         label_ids = tf.where(keep, indices, -1)
         if k < self.max_length:
             label_ids = tf.pad(label_ids, [[0, 0], [0, self.max_length - k]], constant_values=-1)
