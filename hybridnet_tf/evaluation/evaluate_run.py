@@ -11,6 +11,7 @@ import numpy as np
 from hybridnet_tf.evaluation.metrics import evaluate_scores, threshold_metrics
 from hybridnet_tf.evaluation.predictions import collect_named_predictions, collect_predictions
 from hybridnet_tf.evaluation.report import write_report
+from hybridnet_tf.evaluation.report_html import write_report_html
 from hybridnet_tf.evaluation.thresholds import save_thresholds, tune_thresholds
 
 
@@ -56,7 +57,7 @@ def in_sample_notes(split, tuned_thresholds):
 
 def evaluate_model(model, dataset, names, out_dir, threshold=0.5, tuned_thresholds=None, split=None,
                    expected=None, unreadable=(), strict=False):
-    """Scores `dataset` with `model`; writes metrics.json, report.md, plots and predictions.npz.
+    """Scores `dataset` with `model`; writes metrics.json, report.md, report.html, plots and predictions.npz.
 
     The headline metrics use the fixed `threshold` so they compare with
     published tables; with `tuned_thresholds` ([L] per label)
@@ -112,7 +113,9 @@ def evaluate_model(model, dataset, names, out_dir, threshold=0.5, tuned_threshol
         metrics["tuned_thresholds"] = {
             k: float(v) for k, v in threshold_metrics(y_true, scores, tuned_thresholds).items()
         }
-    write_report(out_dir, metrics, y_true, scores, names)
+    paths = write_report(out_dir, metrics, y_true, scores, names)
+    # report.html: the same tables and plots as one page, with a gallery of heat maps.
+    write_report_html(out_dir, metrics, paths, model, dataset, y_true, scores, decoded, names)
     np.savez(os.path.join(out_dir, "predictions.npz"), y_true=y_true, scores=scores, decoded=decoded)
     return metrics
 
