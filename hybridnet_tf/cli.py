@@ -98,6 +98,11 @@ def _cmd_predict(args):
 
     # A run dir, .keras, SavedModel or .tflite: all predict through one interface.
     predictor = load_predictor(args.model or args.run_dir, num_threads=args.threads)
+    if args.explain and predictor.kind != "keras":
+        raise ValueError(
+            f"--explain needs the Keras model (a run directory or .keras file); "
+            f"{predictor.path} is a {predictor.kind} export"
+        )
     paths = expand_image_paths(args.images)
     if not paths:
         print("no image files found in " + " ".join(args.images), file=sys.stderr)
@@ -128,25 +133,29 @@ def _cmd_predict(args):
             json.dump(results, f, indent=1)
     if args.explain:
         # Heat maps of the labels printed above, beside the usual output.
-        _explain_paths(args.model or args.run_dir, paths, args.explain, "decoded",
-                       args.explain_method, threshold=threshold)
+        # (Unreadable files were reported above already.)
+        _explain_paths(predictor, paths, args.explain, "decoded", args.explain_method,
+                       threshold=threshold, report_errors=False)
     if failed:
         print(f"{failed} of {len(results)} images could not be read", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _explain_paths(model_path, paths, out_dir, labels, method, threshold=None):
+def _explain_paths(predictor, paths, out_dir, labels, method, threshold=None, report_errors=True):
     """Writes heat-map PNGs and peak JSONs; prints one line per image; returns the failures."""
-    from hybridnet_tf.explanation.explain_images import describe, explain_files, load_explainer
+    from hybridnet_tf.explanation.explain_images import Explainer, describe, explain_files
 
-    explainer, predictor = load_explainer(model_path, method=method)
+    explainer = Explainer(predictor.model, predictor.vocabulary.names, method=method)
     results = explain_files(
         explainer, paths, out_dir, predictor.image_size, resize=predictor.resize,
         labels=labels, threshold=threshold,
     )
     failed = [result for result in results if "error" in result]
     for result in results:
-        print(describe(result), file=sys.stderr if "error" in result else sys.stdout)
+        if "error" not in result:
+            print(describe(result))
+        elif report_errors:
+            print(describe(result), file=sys.stderr)
     print(f"wrote {len(results) - len(failed)} heat-map PNG(s) and JSON(s) to {out_dir}")
     return failed
 
@@ -158,7 +167,9 @@ def _cmd_explain(args):
     if not paths:
         print("no image files found in " + " ".join(args.images), file=sys.stderr)
         return 2
-    failed = _explain_paths(args.model, paths, args.out, args.labels, args.method)
+    from hybridnet_tf.explanation.explain_images import load_keras_predictor
+
+    failed = _explain_paths(load_keras_predictor(args.model), paths, args.out, args.labels, args.method)
     if failed:
         print(f"{len(failed)} of {len(paths)} images could not be read", file=sys.stderr)
     return 1 if failed else 0

@@ -291,12 +291,11 @@ def explain_files(explainer, paths, out_dir, image_size, resize="squash", labels
     return [results[path] for path in dict.fromkeys(paths)]
 
 
-def load_explainer(path, method="auto", checkpoint="best.keras"):
-    """An `Explainer` and the input description of a run directory or `.keras` file.
+def load_keras_predictor(path, checkpoint="best.keras"):
+    """A run directory or `.keras` file loaded for explaining: a `KerasPredictor`.
 
-    Returns:
-        `(explainer, predictor)`: the predictor gives `image_size`, `resize`,
-        `vocabulary` and `thresholds`.
+    Its `model`, `vocabulary`, `image_size`, `resize` and `thresholds` are what
+    `Explainer` and `explain_files` need.
 
     Raises:
         ValueError: for a SavedModel or TFLite file (heat maps need the Keras layers).
@@ -309,7 +308,7 @@ def load_explainer(path, method="auto", checkpoint="best.keras"):
             f"{path} is a {predictor.kind} export: heat maps need the Keras model; pass the run "
             "directory or its .keras file"
         )
-    return Explainer(predictor.model, predictor.vocabulary.names, method=method), predictor
+    return predictor
 
 
 def describe(result):
