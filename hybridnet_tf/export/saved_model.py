@@ -38,6 +38,7 @@ from hybridnet_tf.export.artifacts import (
     write_labels,
     write_thresholds,
 )
+from hybridnet_tf.export.precision import float32_model
 
 SERVING_DEFAULT = "serving_default"
 PREDICT_IMAGES = "predict_images"
@@ -82,6 +83,9 @@ def export_saved_model(
     place, so `out_dir` is either complete or absent (TF Serving may be
     watching its parent).
 
+    A model trained under mixed precision is exported as a float32 rebuild
+    with its weights (`precision.float32_model`).
+
     Args:
         model: an inference model from `build_model` (or loaded from `.keras`).
         vocabulary: a `LabelVocabulary` or a list of label names.
@@ -104,6 +108,8 @@ def export_saved_model(
     """
     if resize not in RESIZE_POLICIES:
         raise ValueError(f"unknown resize policy {resize!r}; choose one of {list(RESIZE_POLICIES)}")
+    # A mixed_float16 model is exported as its float32 rebuild (CPU serving, TFLite).
+    model = float32_model(model)
     names = list(getattr(vocabulary, "names", vocabulary))
     num_labels = int(model.output["scores"].shape[-1])
     if len(names) != num_labels:
@@ -169,6 +175,7 @@ def export_pixels_saved_model(model, out_dir, batch_size=None):
     num_labels), no string ops and no image decoding. `batch_size` fixes B
     (None: any batch).
     """
+    model = float32_model(model)
     size = model_image_size(model)
     archive = keras.export.ExportArchive()
     archive.track(model)
