@@ -26,6 +26,8 @@ def plain_error_message(error):
     message = getattr(error, "message", None) or str(error)
     message = _TF_ERROR_NOISE.sub("", message)
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    # Eager op errors end in " name: " (the op had no name).
+    lines = [re.sub(r"\s*name:\s*$", "", line) for line in lines]
     return lines[0] if lines else type(error).__name__
 
 
