@@ -68,6 +68,9 @@ DEFAULTS = {
     "model": {
         "backbone": "small_cnn",
         "weights": None,
+        # backbone hub: a KerasHub preset name, hf://..., kaggle://... or a local preset
+        # directory (pip install -e ".[hub]"); weights: preset (its weights) or null (random)
+        "hub_preset": None,
         "image_size": None,
         "max_length": 6,
         "embedding_dim": 64,

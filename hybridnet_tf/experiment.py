@@ -16,7 +16,7 @@ from hybridnet_tf.config import load_config, save_config
 from hybridnet_tf.data.labeled_images import LabeledImages
 from hybridnet_tf.data.load_splits import load_split, load_splits
 from hybridnet_tf.data.pipeline import make_dataset
-from hybridnet_tf.model.backbones import BACKBONES
+from hybridnet_tf.model.backbones import BACKBONES, default_image_size
 from hybridnet_tf.run_files import (
     CONFIG_FILE,
     LAST_MODEL,
@@ -42,7 +42,7 @@ def image_size_of(config):
     return model["image_size"] or (
         config["data"]["demo_image_size"]
         if config["data"]["source"] == "demo"
-        else BACKBONES[model["backbone"]].default_size
+        else default_image_size(model["backbone"], model["hub_preset"])
     )
 
 
@@ -88,7 +88,7 @@ def augmentation_of(config):
 MODEL_KEYS = (
     "max_length", "embedding_dim", "gru_units", "dropout", "head", "label_order", "beam_width",
     "min_label_score", "score_mix", "aux_loss_weight", "sigmoid_loss", "asl_gamma_neg",
-    "asl_gamma_pos", "asl_clip", "decoder", "attention_units", "attention_gate",
+    "asl_gamma_pos", "asl_clip", "decoder", "attention_units", "attention_gate", "hub_preset",
 )
 
 

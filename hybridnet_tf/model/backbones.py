@@ -5,6 +5,10 @@ preprocessing inside the model, so callers (tf.data, exports, apps) always
 feed raw pixels. Every backbone returns its last spatial feature map
 [B, h, w, C]; `hybridnet.build_model` pools it for the pooled heads and
 hands the map itself to the attention decoder.
+
+`hub` is any KerasHub image backbone, chosen by `hub_preset` (ViT, SigLIP's
+vision tower, DINOv2, ...; `hub_backbones.py`): its transformer tokens are
+laid on the patch grid, so it returns a map like the CNNs.
 """
 
 import os
@@ -13,6 +17,8 @@ from dataclasses import dataclass
 
 import keras
 
+# The backbone name of KerasHub presets (`hub_backbones.py`).
+HUB = "hub"
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -21,7 +27,8 @@ class BackboneSpec:
     Args:
         constructor: a `keras.applications`-style function, or a function
             `(input_shape, weights) -> keras.Model` for in-project backbones.
-        default_size: the image size the backbone was pretrained at.
+        default_size: the image size the backbone was pretrained at (None:
+            the hub preset's own, `default_image_size`).
         preprocessing: what to do to 0..255 pixels before the constructor's
             model: "none" (the model does it itself) or "scale_minus1_1".
         imagenet_file: Keras' own file name of the no-top ImageNet weights,
@@ -89,6 +96,12 @@ BACKBONES = {
     "resnet101_v2": BackboneSpec(apps.ResNet101V2, 224, preprocessing="scale_minus1_1"),
     "mobilenet_v3_small": BackboneSpec(apps.MobileNetV3Small, 224),
     "mobilenet_v3_large": BackboneSpec(apps.MobileNetV3Large, 224),
+    # ConvNeXt normalises 0..255 pixels itself (include_preprocessing=True) with any weights.
+    "convnext_tiny": BackboneSpec(apps.ConvNeXtTiny, 224),
+    "convnext_small": BackboneSpec(apps.ConvNeXtSmall, 224),
+    "convnext_base": BackboneSpec(apps.ConvNeXtBase, 224),
+    # A KerasHub preset named by `hub_preset`; its weights and size come with it.
+    HUB: BackboneSpec(None, None),
 }
 del apps
 
@@ -121,15 +134,29 @@ def _keras_models_dir():
     return os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
 
 
-def build_backbone(name, image_size, weights=None):
+def default_image_size(name, hub_preset=None):
+    """The image size a backbone was pretrained at; for `hub`, its preset's (read from the preset)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    if name == HUB:
+        from hybridnet_tf.model.hub_backbones import preset_image_size
+
+        return preset_image_size(hub_preset)
+    return BACKBONES[name].default_size
+
+
+def build_backbone(name, image_size, weights=None, hub_preset=None):
     """Builds a named backbone as a model from 0..255 pixels to its last feature map.
 
     Args:
         name: a key of `BACKBONES`.
-        image_size: input height and width in pixels.
+        image_size: input height and width in pixels; None: the backbone's
+            default (`default_image_size`).
         weights: None (random init), "imagenet" (Keras' own download, or the
             project's converted weights for EfficientNet-Lite), or a path to a
-            weights file.
+            weights file; for `hub`: "preset" (the preset's weights) or None.
+        hub_preset: for `hub`: a KerasHub preset name, "hf://...",
+            "kaggle://..." or a local preset directory.
 
     Returns:
         A `keras.Model` named "backbone" with output [B, h, w, C].
@@ -140,7 +167,12 @@ def build_backbone(name, image_size, weights=None):
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    if name == HUB:
+        from hybridnet_tf.model.hub_backbones import build_hub_backbone
+
+        return build_hub_backbone(hub_preset, image_size, weights=weights)
     spec = BACKBONES[name]
+    image_size = image_size or spec.default_size
     input_shape = (image_size, image_size, 3)
     if spec.constructor.__module__.startswith("keras"):
         if isinstance(weights, str) and weights != "imagenet" and spec.imagenet_file:

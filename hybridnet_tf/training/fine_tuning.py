@@ -30,18 +30,45 @@ FINE_TUNING_BACKUP = "backup_fine_tuning"
 
 # Names of the repeated blocks of each backbone family, in layer-name prefixes:
 # EfficientNet / -V2 / -Lite "block6a_...", ResNetV2 "conv5_block3_...",
-# MobileNetV3 "expanded_conv_3_...", the small CNN "conv2" / "bn2".
+# MobileNetV3 "expanded_conv_3_...", the small CNN "conv2" / "bn2", ConvNeXt
+# "convnext_tiny_stage_3_block_2_..." and its downsampling layers between stages
+# (one Sequential each, a block of its own); whole layers for KerasHub's
+# transformer blocks: ViT "transformer_block_12", SigLIP / CLIP
+# "encoder_block_11", DINOv2 / v3 "layers_11" (names may carry a prefix).
 _BLOCK_PATTERNS = (
     re.compile(r"^(block\d+[a-z]?)_"),
     re.compile(r"^(conv\d_block\d+)_"),
     re.compile(r"^(expanded_conv(?:_\d+)?)_"),
     re.compile(r"^(?:conv|bn)(\d+)$"),
+    re.compile(r"^(convnext_[a-z]+_stage_\d+_block_\d+)_"),
+    re.compile(r"^(convnext_[a-z]+_downsampling_block_\d+)$"),
+    re.compile(r"^(transformer_block_\d+)$"),
+    re.compile(r"^((?:\w+_)?encoder_block_\d+)$"),
+    re.compile(r"^((?:\w+_)?layers_\d+)$"),
 )
 
 
+def _sublayers(layer):
+    if isinstance(layer, keras.Model):
+        return layer.layers
+    # No public API lists a plain layer's sub-layers; KerasHub keeps its transformer
+    # blocks inside one such layer (ViTEncoder, DINOV2Encoder).
+    return layer._flatten_layers(include_self=False, recursive=False)
+
+
+def _holds_a_block(layer):
+    return any(_block_of(sub.name) is not None or _holds_a_block(sub) for sub in _sublayers(layer))
+
+
 def _leaf_layers(layer):
-    for sub in getattr(layer, "layers", ()):
-        if isinstance(sub, keras.Model):
+    """The layers the schedule sets one by one: nested models and block containers opened, blocks whole."""
+    for sub in _sublayers(layer):
+        if _block_of(sub.name) is not None:
+            yield sub
+        elif isinstance(sub, keras.Model):
+            yield from _leaf_layers(sub)
+        elif _holds_a_block(sub):
+            yield sub  # its own weights, if any; its blocks follow and are set after it
             yield from _leaf_layers(sub)
         else:
             yield sub
