@@ -17,3 +17,8 @@ if [ "${HYBRIDNET_WITH_TORCH:-${CI:-}}" = "true" ] || [ "${HYBRIDNET_WITH_TORCH:
   .venv/bin/python -m pip install --quiet torch==2.13.0
   .venv/bin/python -m pip install --quiet -e ".[lite]" efficientnet-lite-pytorch
 fi
+if [ "${HYBRIDNET_WITH_HUB:-${CI:-}}" = "true" ] || [ "${HYBRIDNET_WITH_HUB:-}" = "1" ]; then
+  # KerasHub for the hub backbone and tests/test_hub_backbones.py (which skip without it);
+  # an extra because it pulls tensorflow-text, tokenizers, kagglehub, huggingface_hub.
+  .venv/bin/python -m pip install --quiet -e ".[hub]"
+fi
