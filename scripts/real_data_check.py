@@ -19,7 +19,8 @@ Run from the repo root (a few minutes per head on 2 CPU cores):
         --out docs/results/real_data_check.json
 
 `--set key=value` overrides config keys for every head (e.g.
-`--set train.epochs=3`); `--heads bce` runs one head. The JSON holds
+`--set train.epochs=3`); `--heads bce` runs one head; a head may carry its
+own overrides after colons, e.g. `--heads hybrid,hybrid:model.decoder=attention`. The JSON holds
 every fold's numbers; the Markdown table is printed and written beside it.
 """
 
@@ -95,7 +96,7 @@ def backbone_features(config, images):
 
     model = build_model_from_config(config, len(images.vocabulary))
     cached = extract_features(model, as_dataset(images, config, False, batch_size=32), progress=False)
-    return cached.features, cached.labels
+    return cached.pooled(), cached.labels
 
 
 def run_probe(config, features, labels, index_of, train_part, val_part, test_part, seed):
@@ -200,8 +201,9 @@ def main(argv=None):
         }
         print(f"fold {fold + 1}: probe mAP {fold_result['probe']['mAP']:.3f} (C={fold_result['probe']['C']})")
         for head in heads:
-            config = load_config(args.config, args.set + [f"model.head={head}"])
-            with tempfile.TemporaryDirectory(prefix=f"yardstick_{head}_") as run_dir:
+            name, *overrides = head.split(":")
+            config = load_config(args.config, args.set + [f"model.head={name}"] + overrides)
+            with tempfile.TemporaryDirectory(prefix=f"yardstick_{name}_") as run_dir:
                 fold_result[head] = run_head(config, splits, test_part, run_dir)
             row = fold_result[head]
             print(
