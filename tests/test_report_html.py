@@ -25,10 +25,10 @@ def test_per_image_f1_and_gallery_choice():
     np.testing.assert_allclose(per_image_f1(y_true, predicted), [1.0, 0.0, 1.0, 2 / 3, 2 / 3])
     scores = np.full(y_true.shape, 0.5)
     scores[0] = [0.9, 0.9, 0.1, 0.1]  # image 0 is the more confident perfect one
-    chosen = choose_gallery(y_true, predicted, scores, num_best=1, num_worst=1, num_rare=1)
+    chosen = choose_gallery(y_true, predicted, scores, num_best=1, num_worst=1, num_rare=1, names=NAMES)
     # best: image 0; worst: image 1; the rarest label with a positive is "car" (1 image) or "bus":
     # stable order picks "car" (index 2), whose only image is 3.
-    assert chosen == [(0, "best (F1 1.00)"), (1, "worst (F1 0.00)"), (3, "rare label #2 (1 image(s))")]
+    assert chosen == [(0, "best (F1 1.00)"), (1, "worst (F1 0.00)"), (3, "rare label car (1 image(s))")]
 
 
 @pytest.fixture(scope="module")

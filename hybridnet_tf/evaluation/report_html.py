@@ -46,12 +46,13 @@ def per_image_f1(y_true, predicted):
 
 
 def choose_gallery(y_true, predicted, scores, num_best=NUM_BEST, num_worst=NUM_WORST,
-                   num_rare=NUM_RARE_LABELS):
+                   num_rare=NUM_RARE_LABELS, names=None):
     """Which images the gallery shows: `[(index, why)]`, each image once.
 
     Best and worst by per-image F1 (ties: the more confident first for the
     best, the less for the worst), then for each of the `num_rare` rarest
-    labels present, its first image not shown yet.
+    labels present, its first image not shown yet (`names` name them in the
+    reason; else their column numbers).
     """
     y_true = np.asarray(y_true) > 0.5
     f1 = per_image_f1(y_true, predicted)
@@ -73,7 +74,8 @@ def choose_gallery(y_true, predicted, scores, num_best=NUM_BEST, num_worst=NUM_W
     for label in [c for c in np.argsort(support, kind="stable") if support[c] > 0][:num_rare]:
         for index in np.nonzero(y_true[:, label])[0]:
             if int(index) not in seen:
-                add(index, f"rare label #{label} ({int(support[label])} image(s))")
+                name = names[label] if names is not None else f"#{label}"
+                add(index, f"rare label {name} ({int(support[label])} image(s))")
                 break
     return chosen
 
@@ -176,7 +178,7 @@ def gallery_html(model, dataset, y_true, scores, decoded, names):
     from hybridnet_tf.explanation.explain_images import Explainer
     from hybridnet_tf.explanation.heat_maps import figure_png, overlay_figure, peak_of, shrink
 
-    chosen = choose_gallery(y_true, decoded, scores)
+    chosen = choose_gallery(y_true, decoded, scores, names=names)
     found = gallery_images(dataset, [index for index, _ in chosen])
     chosen = [(index, why) for index, why in chosen if index in found]
     if not chosen:
@@ -191,7 +193,8 @@ def gallery_html(model, dataset, y_true, scores, decoded, names):
         panels = [{"title": f"{item['label']} {item['score']:.2f}", "heat_map": item["heat_map"],
                    "peak": peak_of(item["heat_map"], height, width) if item["heat_map"] is not None else None}
                   for item in maps]
-        png = figure_png(overlay_figure(shown, panels, title="image", columns=4), dpi=72)
+        figure = overlay_figure(shown, panels, title="image", columns=min(4, 1 + len(panels)))
+        png = figure_png(figure, dpi=72)
         true_names = [names[c] for c in np.nonzero(np.asarray(y_true[index]) > 0.5)[0]]
         items.append(_gallery_item(png, why, found[index][1], true_names,
                                    [(item["label"], item["score"]) for item in maps]))

@@ -17,6 +17,7 @@ from hybridnet_tf.data.pipeline import decode_rgb, eval_resize_policy, resize_im
 from hybridnet_tf.explanation.grad_cam import make_grad_cam
 from hybridnet_tf.explanation.heat_maps import figure_png, overlay_figure, peak_of, shrink
 from hybridnet_tf.model.hybridnet import LABEL_DECODER, layer_or_none
+from hybridnet_tf.prediction import plain_error_message
 
 METHODS = ("auto", "grad_cam", "attention")
 # The longest side of the picture drawn in the PNGs (the files stay small).
@@ -281,8 +282,7 @@ def explain_files(explainer, paths, out_dir, image_size, resize="squash", labels
         try:
             model_input, shown, size = _read_image(path, image_size, resize)
         except (tf.errors.OpError, ValueError) as error:
-            message = getattr(error, "message", str(error)).strip().splitlines()[0]
-            results[path] = {"path": path, "error": message}
+            results[path] = {"path": path, "error": plain_error_message(error)}
             continue
         batch.append((path, model_input, shown, size))
         if len(batch) == batch_size:

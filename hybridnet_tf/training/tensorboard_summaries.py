@@ -108,7 +108,7 @@ def example_figure(image, true_names, explained, index):
             "heat_map": heat_map,
             "peak": peak_of(heat_map, height, width) if heat_map is not None else None,
         })
-    figure = overlay_figure(image, panels, title=f"val #{index}", columns=4)
+    figure = overlay_figure(image, panels, title=f"val #{index}", columns=min(4, 1 + len(panels)))
     predicted = ", ".join(f"{item['label']} {item['score']:.2f}" for item in explained) or "none"
     figure.suptitle(f"true: {', '.join(true_names) or 'none'}\npredicted: {predicted}", fontsize=8)
     return figure
