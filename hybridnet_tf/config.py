@@ -77,6 +77,8 @@ DEFAULTS = {
         "gru_units": 256,
         "dropout": 0.2,
         "label_order": "freq2rare",
+        # label_order orderless: PLA rule of the loss, paper (Yazici et al.) | sorted
+        "pla_rule": "paper",
         # hybrid (GRU decoder for label sets + sigmoid head for scores) | hybrid_rnn
         # (GRU decoder alone) | bce (sigmoid head alone); see hybridnet.py
         "head": "hybrid",
@@ -162,6 +164,7 @@ CHOICES = {
     ("model", "label_order"): ("freq2rare", "rare2freq", "fixed", "random", "orderless"),
     ("model", "head"): ("hybrid_rnn", "bce", "hybrid"),
     ("model", "decoder"): ("pooled", "attention"),
+    ("model", "pla_rule"): ("paper", "sorted"),
     ("model", "sigmoid_loss"): ("bce", "asl"),
     ("model", "freeze_batch_norm"): ("auto", True, False),
     ("train", "jit_compile"): ("auto", True, False),

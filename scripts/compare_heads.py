@@ -36,8 +36,11 @@ VARIANTS = {
     "rnn rare2freq": {"head": "hybrid_rnn", "label_order": "rare2freq"},
     "rnn random": {"head": "hybrid_rnn", "label_order": "random"},
     "rnn orderless (PLA)": {"head": "hybrid_rnn", "label_order": "orderless"},
+    "rnn orderless (PLA sorted)": {"head": "hybrid_rnn", "label_order": "orderless", "pla_rule": "sorted"},
+    "rnn attention": {"head": "hybrid_rnn", "decoder": "attention"},
     "hybrid freq2rare": {"head": "hybrid", "label_order": "freq2rare"},
     "hybrid freq2rare + ASL": {"head": "hybrid", "label_order": "freq2rare", "sigmoid_loss": "asl"},
+    "hybrid attention": {"head": "hybrid", "label_order": "freq2rare", "decoder": "attention"},
 }
 
 

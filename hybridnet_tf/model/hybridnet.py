@@ -80,6 +80,7 @@ def build_model(
     attention_units=128,
     attention_gate=False,
     label_threshold=0.5,
+    pla_rule="paper",
     hub_preset=None,
 ):
     """Builds the HybridNet inference model.
@@ -119,6 +120,8 @@ def build_model(
             scratch (which needs its BatchNorm to learn).
         decoder: "pooled" or "attention" (decoder heads; see the module docstring).
         attention_units, attention_gate: see `AttentionLabelDecoder`.
+        pla_rule: `label_order="orderless"`: "paper" or "sorted" (see
+            `losses.OrderlessSequenceLoss`).
         label_threshold: `bce` head: the score a label needs to be in the
             label set (`eval.threshold`; per-label tuned thresholds replace it
             after training, `set_label_thresholds`).
@@ -179,6 +182,7 @@ def build_model(
             beam_width=beam_width,
             min_label_score=min_label_score,
             label_order=label_order,
+            pla_rule=pla_rule,
             # Probabilities and the GRU stay float32 under mixed precision.
             dtype="float32",
             name=LABEL_DECODER,
@@ -417,7 +421,7 @@ def training_loss(model):
     losses = {}
     if head in ("hybrid_rnn", "hybrid"):
         if model.get_layer(LABEL_DECODER).label_order == "orderless":
-            losses[SEQUENCE] = OrderlessSequenceLoss()
+            losses[SEQUENCE] = OrderlessSequenceLoss(model.get_layer(LABEL_DECODER).pla_rule)
         else:
             losses[SEQUENCE] = keras.losses.SparseCategoricalCrossentropy(
                 from_logits=True, ignore_class=-1

@@ -58,6 +58,9 @@ class LabelDecoder(keras.layers.Layer):
         label_order: the training order of the target sequences (one of
             `label_sequences.LABEL_ORDERS`); kept here so that training code
             can rebuild the targets from the model alone. Decoding ignores it.
+        pla_rule: with `label_order="orderless"`, the alignment rule of the
+            loss: "paper" (Yazici et al.) or "sorted" (see
+            `losses.OrderlessSequenceLoss`). Decoding ignores it.
 
     Example:
         >>> decoder = LabelDecoder(num_labels=5, max_length=4)
@@ -77,6 +80,7 @@ class LabelDecoder(keras.layers.Layer):
         beam_width=1,
         min_label_score=0.0,
         label_order="freq2rare",
+        pla_rule="paper",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -101,6 +105,9 @@ class LabelDecoder(keras.layers.Layer):
         self.beam_width = beam_width
         self.min_label_score = min_label_score
         self.label_order = label_order
+        if pla_rule not in ("paper", "sorted"):
+            raise ValueError(f"unknown pla_rule {pla_rule!r}; choose 'paper' or 'sorted'")
+        self.pla_rule = pla_rule
         # L labels + END + START; START is never scored.
         self.label_embedding = keras.layers.Embedding(
             num_labels + 2, embedding_dim, name="label_embedding", dtype=self.dtype_policy
@@ -310,6 +317,7 @@ class LabelDecoder(keras.layers.Layer):
                 "beam_width": self.beam_width,
                 "min_label_score": self.min_label_score,
                 "label_order": self.label_order,
+                "pla_rule": self.pla_rule,
             }
         )
         return config
