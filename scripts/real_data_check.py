@@ -18,6 +18,10 @@ Run from the repo root (a few minutes per head on 2 CPU cores):
     .venv/bin/python scripts/real_data_check.py --config configs/coco128_lite0.yaml \
         --out docs/results/real_data_check.json
 
+With `--out`, every finished fold is written at once (`<out>.partial.json`);
+a rerun with the same arguments picks up from there, so an interrupted run
+loses at most the fold it was in.
+
 `--set key=value` overrides config keys for every head (e.g.
 `--set train.epochs=3`); `--heads bce` runs one head; a head may carry its
 own overrides after colons, e.g. `--heads hybrid,hybrid:model.decoder=attention`. The JSON holds
@@ -188,7 +192,17 @@ def main(argv=None):
     print(f"probe features {features.shape} in {time.perf_counter() - start:.0f} s")
 
     results = []
+    partial = os.path.splitext(args.out)[0] + ".partial.json" if args.out else None
+    run_key = {"argv": [args.config, args.set, heads, args.folds, args.seed]}
+    if partial and os.path.isfile(partial):
+        with open(partial, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.get("run") == run_key:
+            results = saved["folds"]
+            print(f"resuming after {len(results)} finished fold(s) in {partial}")
     for fold, (train_rows, test_rows) in enumerate(fold_indices(len(images), args.folds, args.seed)):
+        if fold < len(results):
+            continue
         train_part, test_part = images.subset(train_rows), images.subset(test_rows)
         val_part = None
         if base["data"]["val_fraction"] > 0:
@@ -212,6 +226,11 @@ def main(argv=None):
                 flush=True,
             )
         results.append(fold_result)
+        if partial:
+            os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
+            with open(partial + ".tmp", "w", encoding="utf-8") as f:
+                json.dump({"run": run_key, "folds": results}, f, indent=1)
+            os.replace(partial + ".tmp", partial)
 
     total = time.perf_counter() - start
     summary = summarise(results, ["probe"] + heads)
