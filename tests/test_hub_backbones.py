@@ -228,3 +228,27 @@ def test_savedmodel_and_builtins_only_tflite_match_keras(presets, family, tmp_pa
         assert np.abs(lite["scores"] - expected["scores"]).max() < tolerance, quantize
         if quantize == "none":
             np.testing.assert_array_equal(lite["label_ids"], expected["label_ids"])
+
+
+@pytest.mark.slow  # a fresh TensorFlow process
+def test_a_saved_hub_model_loads_where_keras_hub_was_never_imported(presets, tmp_path):
+    import subprocess
+
+    model = _model(presets["siglip"][0])
+    path = tmp_path / "model.keras"
+    model.save(str(path))
+    images = _images(1)
+    np.save(tmp_path / "images.npy", images)
+    np.save(tmp_path / "scores.npy", model(images)["scores"].numpy())
+    # What `load_run_model` does in a fresh CLI process: Keras imports KerasHub's classes by module.
+    script = (
+        "import sys, keras, numpy as np\n"
+        "import hybridnet_tf.model.label_decoder\n"
+        "assert 'keras_hub' not in sys.modules\n"
+        f"model = keras.models.load_model({str(path)!r}, safe_mode=True)\n"
+        f"scores = model(np.load({str(tmp_path / 'images.npy')!r}))['scores'].numpy()\n"
+        f"print(float(np.abs(scores - np.load({str(tmp_path / 'scores.npy')!r})).max()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip().splitlines()[-1]) == 0.0
