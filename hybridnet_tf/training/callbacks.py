@@ -74,6 +74,10 @@ class ValidationMetrics(keras.callbacks.Callback):
         from_features: `dataset` holds cached backbone features
             (`build_head_model`'s input), not images.
         seed: seed of the `random` label order's val sequences.
+
+    Attributes:
+        last_predictions: `(y_true, scores, decoded)` of the last epoch's
+            pass (None before the first), for later callbacks to reuse.
     """
 
     def __init__(self, inference_model, dataset, threshold=0.5, max_batches=None,
@@ -86,6 +90,7 @@ class ValidationMetrics(keras.callbacks.Callback):
         self.label_rank = label_rank
         self.from_features = from_features
         self.seed = seed
+        self.last_predictions = None
         self._pass = None
 
     def _one_pass(self):
@@ -132,6 +137,8 @@ class ValidationMetrics(keras.callbacks.Callback):
         y_true = np.concatenate(y_true).astype(np.float32)
         scores = np.concatenate(scores).astype(np.float32)
         decoded = decoded_to_multi_hot(np.concatenate(label_ids), y_true.shape[1])
+        # Later callbacks (TensorBoard's PR curves) reuse this epoch's pass.
+        self.last_predictions = (y_true, scores, decoded)
         mean_ap, _ = mean_average_precision(y_true, scores)
         at_threshold = threshold_metrics(y_true, scores, self.threshold)
         decoded_metrics = set_metrics(y_true, decoded)
