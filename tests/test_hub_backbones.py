@@ -252,3 +252,20 @@ def test_a_saved_hub_model_loads_where_keras_hub_was_never_imported(presets, tmp
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip().splitlines()[-1]) == 0.0
+
+
+def test_a_hub_cnn_keeps_its_feature_map_and_blocks(tmp_path):
+    # KerasHub's ResNet returns a map already: nothing dropped or reshaped.
+    resnet = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 16],
+        stackwise_num_blocks=[1, 2], stackwise_num_strides=[1, 2], block_type="basic_block",
+        use_pre_activation=False, image_shape=(SIZE, SIZE, 3),
+    )
+    preset = str(tmp_path / "resnet")
+    resnet.save_to_preset(preset)
+    keras_hub.layers.ResNetImageConverter(image_size=(SIZE, SIZE), scale=1.0 / 255.0).save_to_preset(preset)
+    backbone = build_backbone("hub", SIZE, weights="preset", hub_preset=preset)
+    assert backbone.output.shape == (None, 4, 4, 16)
+    images = _images()
+    np.testing.assert_allclose(backbone(images).numpy(), resnet(images / 255.0).numpy(), atol=1e-5)
+    assert backbone_blocks(backbone) == ["stack0_block0", "stack1_block0", "stack1_block1"]

@@ -34,7 +34,8 @@ FINE_TUNING_BACKUP = "backup_fine_tuning"
 # "convnext_tiny_stage_3_block_2_..." and its downsampling layers between stages
 # (one Sequential each, a block of its own); whole layers for KerasHub's
 # transformer blocks: ViT "transformer_block_12", SigLIP / CLIP
-# "encoder_block_11", DINOv2 / v3 "layers_11" (names may carry a prefix).
+# "encoder_block_11", DINOv2 / v3 "layers_11" (names may carry a prefix); KerasHub's
+# ResNet "stack3_block2_...".
 _BLOCK_PATTERNS = (
     re.compile(r"^(block\d+[a-z]?)_"),
     re.compile(r"^(conv\d_block\d+)_"),
@@ -45,6 +46,7 @@ _BLOCK_PATTERNS = (
     re.compile(r"^(transformer_block_\d+)$"),
     re.compile(r"^((?:\w+_)?encoder_block_\d+)$"),
     re.compile(r"^((?:\w+_)?layers_\d+)$"),
+    re.compile(r"^(stack\d+_block\d+)_"),
 )
 
 
