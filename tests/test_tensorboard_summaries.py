@@ -115,7 +115,7 @@ def test_training_writes_pr_curves_val_images_and_hparams(trained_run):
     width, height, png = tf.make_ndarray(first.tensor_proto)
     image = tf.io.decode_png(png)
     assert image.shape[:2] == (int(height), int(width))
-    assert int(width) > 300 and int(height) > 150
+    assert int(width) >= 150 and int(height) >= 150  # the image panel at least, titled
     assert float(tf.math.reduce_std(tf.cast(image, tf.float32))) > 10  # a drawing, not a blank
 
     root = _accumulator(logs)

@@ -16,7 +16,7 @@ import tensorflow as tf
 from hybridnet_tf.data.pipeline import decode_rgb, eval_resize_policy, resize_image
 from hybridnet_tf.explanation.grad_cam import make_grad_cam
 from hybridnet_tf.explanation.heat_maps import figure_png, overlay_figure, peak_of, shrink
-from hybridnet_tf.model.hybridnet import LABEL_DECODER, layer_or_none
+from hybridnet_tf.model.hybridnet import model_decoder
 from hybridnet_tf.prediction import plain_error_message
 
 METHODS = ("auto", "grad_cam", "attention")
@@ -56,9 +56,8 @@ def parse_label_choice(text, names):
 
 
 def has_attention_decoder(model):
-    """True when `model`'s label decoder attends over the feature map (it has `attention_maps`)."""
-    decoder = layer_or_none(model, LABEL_DECODER)
-    return decoder is not None and hasattr(decoder, "attention_maps")
+    """True when `model`'s label decoder attends over the feature map (`model.decoder: attention`)."""
+    return model_decoder(model) == "attention"
 
 
 class Explainer:
