@@ -127,3 +127,28 @@ def test_training_writes_pr_curves_val_images_and_hparams(trained_run):
     assert hparams["train.tensorboard_images_every"].number_value == 1
     # Keras' own scalars stay in their folders, one event file writer each.
     assert glob.glob(os.path.join(logs, "validation", "events.out.tfevents.*"))
+
+
+def test_a_failing_image_summary_turns_images_off_but_keeps_training_and_pr_curves(tmp_path, monkeypatch, caplog):
+    from hybridnet_tf.model.hybridnet import build_model
+    from hybridnet_tf.training.tensorboard_summaries import TensorBoardSummaries
+
+    model = build_model(2, image_size=32, head="bce")
+    images = np.random.default_rng(0).uniform(0, 255, (6, 32, 32, 3)).astype(np.float32)
+    labels = np.array([[1, 0], [0, 1]] * 3, np.float32)
+    val = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
+    callback = TensorBoardSummaries(model, val, ["a", "b"], str(tmp_path), images_every=1)
+    callback.set_model(model)
+
+    def fail(self, step):
+        raise ValueError("no spatial map")
+
+    monkeypatch.setattr(TensorBoardSummaries, "_write_examples", fail)
+    callback.on_train_begin()
+    callback.on_epoch_end(0)  # no exception: training goes on
+    callback.on_epoch_end(1)
+    callback.on_train_end()
+    assert callback.images_every == 0
+    assert "TensorBoard val images turned off: no spatial map" in caplog.text
+    accumulator = _accumulator(tmp_path / "val_predictions")
+    assert [e.step for e in accumulator.Tensors("pr/a/pr_curves")] == [0, 1]

@@ -17,11 +17,14 @@ a second writer in one of its folders would make TensorBoard skip events
 (it reads one event file per folder at a time), hence the own folder.
 """
 
+import logging
 import os
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+logger = logging.getLogger(__name__)
 
 PREDICTIONS_DIR = "val_predictions"
 PR_THRESHOLDS = 101
@@ -202,7 +205,12 @@ class TensorBoardSummaries(keras.callbacks.Callback):
             y_true, scores = self._predictions()
             write_pr_curves(y_true, scores, self.names, step=epoch)
             if self.images_every and (epoch == 0 or (epoch + 1) % self.images_every == 0):
-                self._write_examples(epoch)
+                try:
+                    self._write_examples(epoch)
+                except (ValueError, tf.errors.OpError) as error:
+                    # A picture must never stop training: say why and stop drawing them.
+                    logger.warning("TensorBoard val images turned off: %s", error)
+                    self.images_every = 0
         self._writer.flush()
 
 
@@ -212,8 +220,8 @@ def summaries_for_run(inference_model, val_data, run_dir, log_dir, callbacks=(),
     Label names come from the run's `vocabulary.json`, hyperparameters and
     the image settings (`train.tensorboard_images_every`,
     `train.tensorboard_images`) from its `config.yaml`; without them (a
-    `train` call outside a run directory) labels are numbered and no
-    hparams are written. `callbacks` may hold the run's `ValidationMetrics`,
+    `train` call outside a run directory) labels are numbered, and only
+    the PR curves are written (no hparams, no images). `callbacks` may hold the run's `ValidationMetrics`,
     whose predictions are then reused.
 
     Returns:
@@ -231,7 +239,7 @@ def summaries_for_run(inference_model, val_data, run_dir, log_dir, callbacks=(),
         names = LabelVocabulary.load(vocabulary_path).names
     else:
         names = [f"label_{i}" for i in range(int(inference_model.output["scores"].shape[-1]))]
-    every = config["train"]["tensorboard_images_every"] if config else 5
+    every = config["train"]["tensorboard_images_every"] if config else 0
     validation = next((c for c in callbacks if isinstance(c, ValidationMetrics)), None)
     return [TensorBoardSummaries(
         inference_model, val_data, names, log_dir,
