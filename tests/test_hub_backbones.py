@@ -149,6 +149,8 @@ def test_clear_errors(presets, tmp_path, monkeypatch):
     keras_hub.models.Backbone.from_preset(presets["vit"][0]).save_to_preset(backbone_only)
     with pytest.raises(ValueError, match="has no image converter"):
         build_backbone("hub", SIZE, hub_preset=backbone_only)
+    with pytest.raises(ValueError, match="cannot load hub preset .*Unknown preset identifier"):
+        build_backbone("hub", SIZE, hub_preset=str(tmp_path / "no_such_folder"))
     monkeypatch.setitem(sys.modules, "keras_hub", None)  # as if not installed
     with pytest.raises(ImportError, match=r'pip install -e "\.\[hub\]"'):
         hub_backbones.import_keras_hub()

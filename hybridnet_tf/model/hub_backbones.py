@@ -55,9 +55,12 @@ def _load_image_converter(preset, **kwargs):
     try:
         return keras_hub.layers.ImageConverter.from_preset(preset, **kwargs)
     except (FileNotFoundError, ValueError, KeyError) as error:
+        if "image_converter" not in str(error):
+            # An unknown name or a missing folder: KerasHub's message lists what a preset can be.
+            raise ValueError(f"cannot load hub preset {preset!r}: {str(error).splitlines()[0]}") from None
         raise ValueError(
             f"hub preset {preset!r} has no image converter (image_converter.json), so its input "
-            f"normalisation is unknown; save one with `converter.save_to_preset(dir)` ({error})"
+            f"normalisation is unknown; save one with `converter.save_to_preset(dir)`"
         ) from None
 
 
@@ -154,6 +157,9 @@ def build_hub_backbone(preset, image_size=None, weights=PRESET_WEIGHTS):
             f"the hub backbone's weights come from model.hub_preset: use model.weights "
             f"'{PRESET_WEIGHTS}' (its pretrained weights) or null (random init), got {weights!r}"
         )
+    # The preset's scale / offset on 0..255 pixels; no resize (images come at image_size).
+    # Loaded first: the cheapest check that the preset exists.
+    converter = _load_image_converter(preset, image_size=None, name="preprocessing")
     image_size = image_size or preset_image_size(preset)
     backbone = _load_backbone(preset, load_weights=weights == PRESET_WEIGHTS, image_size=image_size)
     encoder = _vision_encoder(backbone)
@@ -164,8 +170,6 @@ def build_hub_backbone(preset, image_size=None, weights=PRESET_WEIGHTS):
             f"be loaded at {image_size}x{image_size}: set model.image_size to {preset_size[0]} (or null)"
         )
     features = _features_model(encoder)
-    # The preset's scale / offset on 0..255 pixels; no resize (images come at image_size).
-    converter = _load_image_converter(preset, image_size=None, name="preprocessing")
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = converter(inputs)
