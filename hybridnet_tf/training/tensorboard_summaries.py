@@ -182,9 +182,10 @@ class TensorBoardSummaries(keras.callbacks.Callback):
 
         if self._examples is None:
             images, labels = [], []
-            for batch_images, batch_labels in self.val_data.unbatch().take(self.num_images):
-                images.append(batch_images.numpy())
-                labels.append(batch_labels.numpy())
+            # Elements are (image, multi_hot) or (image, multi_hot, name).
+            for element in self.val_data.unbatch().take(self.num_images):
+                images.append(element[0].numpy())
+                labels.append(element[1].numpy())
             self._examples = np.stack(images), np.stack(labels)
             self._explainer = Explainer(self.inference_model, self.names)
         images, labels = self._examples
