@@ -199,6 +199,14 @@ def test_cached_frozen_phase_keeps_the_probe_head_and_trains_the_decoder(tmp_pat
     changed = [not np.allclose(b, a.numpy()) for b, a in zip(decoder_before, model.get_layer(LABEL_DECODER).weights)]
     assert any(changed)
     assert (tmp_path / "best.keras").is_file()
+    # TensorBoard: the cached phase writes per-label PR curves of val each epoch (no images of features).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "logs" / "val_predictions"), size_guidance={"tensors": 0})
+    events.Reload()
+    pr_tags = [t for t in events.Tags()["tensors"] if t.startswith("pr/")]
+    assert pr_tags and [e.step for e in events.Tensors(pr_tags[0])] == [0, 1]
+    assert not [t for t in events.Tags()["tensors"] if t.startswith("val_examples/")]
 
 
 def test_phases_are_lengthened_to_their_minimum_steps():

@@ -23,6 +23,7 @@ from hybridnet_tf.training.callbacks import (
     ValidationMetrics,
     save_model_atomically,
 )
+from hybridnet_tf.training.tensorboard_summaries import summaries_for_run
 from hybridnet_tf.training.trainer import EPOCH_LOG, HISTORY_FILE, compile_training_model
 
 
@@ -96,6 +97,10 @@ def train_heads_on_features(
         callbacks.append(ValidationMetrics(
             model, val_batches, threshold=threshold, label_rank=label_rank, from_features=True, seed=seed
         ))
+        # PR curves (from the metrics' predictions) and hparams; no images of features.
+        callbacks += summaries_for_run(
+            model, val_batches, run_dir, os.path.join(run_dir, "logs"), callbacks, images=False
+        )
     elif monitor.startswith("val_"):
         monitor = "loss"
     callbacks += list(extra_callbacks)

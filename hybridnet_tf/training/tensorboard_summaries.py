@@ -215,7 +215,7 @@ class TensorBoardSummaries(keras.callbacks.Callback):
         self._writer.flush()
 
 
-def summaries_for_run(inference_model, val_data, run_dir, log_dir, callbacks=(), max_batches=None):
+def summaries_for_run(inference_model, val_data, run_dir, log_dir, callbacks=(), max_batches=None, images=True):
     """The `TensorBoardSummaries` of a run directory written by `hybridnet-tf train`, as a list.
 
     Label names come from the run's `vocabulary.json`, hyperparameters and
@@ -223,7 +223,9 @@ def summaries_for_run(inference_model, val_data, run_dir, log_dir, callbacks=(),
     `train.tensorboard_images`) from its `config.yaml`; without them (a
     `train` call outside a run directory) labels are numbered, and only
     the PR curves are written (no hparams, no images). `callbacks` may hold the run's `ValidationMetrics`,
-    whose predictions are then reused.
+    whose predictions are then reused. `images=False` draws no val images
+    (the frozen phase on cached features has features, not pictures; its
+    PR curves come from the `ValidationMetrics` in `callbacks`).
 
     Returns:
         `[TensorBoardSummaries]`.
@@ -240,7 +242,7 @@ def summaries_for_run(inference_model, val_data, run_dir, log_dir, callbacks=(),
         names = LabelVocabulary.load(vocabulary_path).names
     else:
         names = [f"label_{i}" for i in range(int(inference_model.output["scores"].shape[-1]))]
-    every = config["train"]["tensorboard_images_every"] if config else 0
+    every = config["train"]["tensorboard_images_every"] if config and images else 0
     validation = next((c for c in callbacks if isinstance(c, ValidationMetrics)), None)
     return [TensorBoardSummaries(
         inference_model, val_data, names, log_dir,
