@@ -37,7 +37,11 @@ def resolve_jit_compile(setting, strategy=None):
     `"auto"` follows Keras' own rule: XLA where a GPU is present and training
     is not spread by `tf.distribute`; off on CPU, where XLA made
     EfficientNetB0 ~8x slower per step on 2 cores after a 76 s compile
-    (TF-TRAPS.md). TPUs compile with XLA whatever this says.
+    (TF-TRAPS.md). XLA for the heads alone loses on CPU too: the
+    cached-feature phase of the coco128 recipe (GRU decoder + sigmoid
+    head, batch 16) ran 0.37x as fast per step with `jit_compile=True`,
+    after a compile 3x longer (docs/performance.md), so "auto" stays off
+    on CPU for every phase. TPUs compile with XLA whatever this says.
 
     Args:
         setting: "auto", True or False.
