@@ -193,11 +193,12 @@ def main():
         config = copy.deepcopy(base)
         config["model"].update(VARIANTS[name])
         run_dir = os.path.join(args.work_dir, "runs", name.replace(" ", "_").replace("(", "").replace(")", ""))
-        if not os.path.isfile(os.path.join(run_dir, "best.keras")):
-            print(f"== training {name} -> {run_dir}", flush=True)
-            start = time.perf_counter()
-            run_train(config, run_dir, verbose=0)
-            print(f"== {name}: trained in {time.perf_counter() - start:.0f} s", flush=True)
+        # run_train itself says when a run is complete (and touches nothing) and
+        # continues an interrupted one from its backup, so a rerun resumes.
+        print(f"== training {name} -> {run_dir}", flush=True)
+        start = time.perf_counter()
+        run_train(config, run_dir, verbose=0)
+        print(f"== {name}: trained in {time.perf_counter() - start:.0f} s", flush=True)
         _, _, model = load_run(run_dir)
         models[name] = model
         rows[name] = evaluate_variant(model, val_data, test_data, vocabulary.names)
