@@ -79,12 +79,7 @@ def sequence_from_keys(keys, present, max_length):
     keys = tf.convert_to_tensor(keys)
     present = tf.convert_to_tensor(present, tf.bool)
     num_labels = tf.shape(present)[-1]
-    # Absent labels sort after every present one; a stable sort keeps ties in index order.
-    absent_key = tf.reduce_max(keys, axis=-1, keepdims=True) + tf.ones([], keys.dtype)
-    order = tf.argsort(tf.where(present, keys, absent_key), axis=-1, stable=True)
-    # Pad so there are always max_length columns, even with a tiny vocabulary.
-    pad_shape = tf.concat([tf.shape(order)[:-1], [max_length]], axis=0)
-    order = tf.concat([order, tf.zeros(pad_shape, tf.int32)], axis=-1)[..., :max_length]
+    order, _ = _first_columns(keys, present, max_length)
     count = tf.reduce_sum(tf.cast(present, tf.int32), axis=-1, keepdims=True)
     count = tf.minimum(count, max_length - 1)
     positions = tf.range(max_length)
@@ -193,7 +188,12 @@ def aligned_label_sequence(ranked, predicted_tokens, max_length):
 
 
 def _first_columns(keys, present, count):
-    """Indices [..., count] of the present entries in ascending `keys`, padded with 0; and their validity."""
+    """Indices [..., count] of the present entries in ascending `keys`, padded with 0; and their validity.
+
+    Absent entries sort after every present one, a stable sort keeps ties in
+    index order, and the padding gives `count` columns even when there are
+    fewer entries.
+    """
     absent_key = tf.reduce_max(keys, axis=-1, keepdims=True) + tf.ones([], keys.dtype)
     order = tf.argsort(tf.where(present, keys, absent_key), axis=-1, stable=True)
     pad = tf.zeros(tf.concat([tf.shape(order)[:-1], [count]], axis=0), tf.int32)
