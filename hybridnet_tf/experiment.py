@@ -6,6 +6,8 @@ loading lives in `data/load_splits.py`, evaluation in
 `evaluation/evaluate_run.py`, the run directory's files in `run_files.py`.
 """
 
+import dataclasses
+import functools
 import logging
 import os
 
@@ -28,6 +30,7 @@ from hybridnet_tf.run_files import (
     mark_complete,
     plan_training,
 )
+from hybridnet_tf.training.settings import Checkpointing, Optimization, PhaseSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +245,7 @@ def train_on_splits(config, run_dir, splits, strategy=None, verbose="auto"):
         eval_batch = config["eval"]["batch_size"]
         val_data = as_dataset(splits.val, config, False, batch_size=eval_batch, from_files=from_files)
         val_batches = steps_for(train_cfg["val_max_images"], eval_batch)
-    phases = dict(
+    schedule = PhaseSchedule(
         frozen_epochs=train_cfg["frozen_epochs"],
         unfreeze_blocks=train_cfg["unfreeze_blocks"],
         learning_rate_factor=train_cfg["fine_tune_lr_factor"],
@@ -251,12 +254,28 @@ def train_on_splits(config, run_dir, splits, strategy=None, verbose="auto"):
         feature_cache=feature_cache_of(config, splits.train, strategy, from_files),
         freeze_batch_norm=freeze_batch_norm_of(config),
     )
+    optimization = Optimization(
+        learning_rate=train_cfg["learning_rate"],
+        weight_decay=train_cfg["weight_decay"],
+        warmup_epochs=train_cfg["warmup_epochs"],
+        jit_compile=train_cfg["jit_compile"],
+        steps_per_execution=train_cfg["steps_per_execution"],
+        batch_size=train_cfg["batch_size"],
+        use_ema=train_cfg["use_ema"],
+        ema_momentum=train_cfg["ema_momentum"],
+    )
+    checkpointing = Checkpointing(
+        monitor=train_cfg["monitor"],
+        val_max_batches=val_batches,
+        threshold=config["eval"]["threshold"],
+        backup_steps=train_cfg["backup_steps"],
+        verbose=verbose,
+    )
+    run = train_in_phases
     if plan.action == "continue":
         print(plan.message)
-        phases = _continued_phases(model, run_dir, plan.epochs_done, phases)
-        run = continue_training
-    else:
-        run = train_in_phases
+        _load_last_weights(model, run_dir, plan.epochs_done, schedule)
+        run = functools.partial(continue_training, initial_epoch=plan.epochs_done)
     history = run(
         model,
         train_data,
@@ -266,20 +285,9 @@ def train_on_splits(config, run_dir, splits, strategy=None, verbose="auto"):
         run_dir,
         steps_per_epoch=steps_for(splits.num_train, train_cfg["batch_size"]),
         epochs=train_cfg["epochs"],
-        learning_rate=train_cfg["learning_rate"],
-        weight_decay=train_cfg["weight_decay"],
-        warmup_epochs=train_cfg["warmup_epochs"],
-        jit_compile=train_cfg["jit_compile"],
-        steps_per_execution=train_cfg["steps_per_execution"],
-        monitor=train_cfg["monitor"],
-        val_max_batches=val_batches,
-        threshold=config["eval"]["threshold"],
-        batch_size=train_cfg["batch_size"],
-        use_ema=train_cfg["use_ema"],
-        ema_momentum=train_cfg["ema_momentum"],
-        backup_steps=train_cfg["backup_steps"],
-        verbose=verbose,
-        **phases,
+        optimization=optimization,
+        checkpointing=checkpointing,
+        schedule=schedule,
     )
     if val_data is not None and chief:
         from hybridnet_tf.evaluation.evaluate_run import tune_and_save_thresholds
@@ -305,45 +313,47 @@ def _label_sets_follow_thresholds(model, tuned, run_dir):
         print("best.keras: the bce head's label sets now use the per-label thresholds tuned on val")
 
 
-def _continued_phases(model, run_dir, epochs_done, phases):
-    """Loads the last weights of a finished run; the phase settings for `continue_training`."""
-    if 0 < phases["frozen_epochs"] and epochs_done < phases["frozen_epochs"]:
+def _load_last_weights(model, run_dir, epochs_done, schedule):
+    """Loads the last weights of a finished run that `continue_training` lengthens."""
+    if 0 < schedule.frozen_epochs and epochs_done < schedule.frozen_epochs:
         raise ValueError(
             f"{run_dir} finished {epochs_done} epochs inside its frozen phase "
-            f"(train.frozen_epochs={phases['frozen_epochs']}); a run is lengthened after that "
+            f"(train.frozen_epochs={schedule.frozen_epochs}); a run is lengthened after that "
             "phase only: pass --overwrite to train it again"
         )
     model.load_weights(os.path.join(run_dir, LAST_MODEL))
-    kept = ("frozen_epochs", "unfreeze_blocks", "learning_rate_factor", "min_steps", "freeze_batch_norm")
-    return {"initial_epoch": epochs_done, **{key: phases[key] for key in kept}}
 
 
 def continue_training(model, train_data, val_data, label_rank, run_dir, steps_per_epoch, epochs,
-                      learning_rate, frozen_epochs=0, unfreeze_blocks=-1, learning_rate_factor=0.1,
-                      min_steps=0, freeze_batch_norm=True, initial_epoch=0, **train_kwargs):
+                      optimization, checkpointing, schedule, initial_epoch):
     """Trains a finished run on from epoch `initial_epoch` to `epochs`, from the weights in `model`.
 
     The trainable part and learning rate are those of the run's last phase
-    (fine-tuning after a frozen phase: `unfreeze_blocks` at `learning_rate
-    * learning_rate_factor`); the schedule (warmup, cosine decay) and the
-    optimizer state start afresh for the added epochs. `best.keras` is
-    replaced only by an epoch better than the run's earlier best.
+    (fine-tuning after a frozen phase: `schedule.unfreeze_blocks` at the
+    learning rate times `schedule.learning_rate_factor`); the schedule
+    (warmup, cosine decay) and the optimizer state start afresh for the
+    added epochs. `best.keras` is replaced only by an epoch better than the
+    run's earlier best. The arguments are those of
+    `fine_tuning.train_in_phases`.
     """
-    from hybridnet_tf.training.fine_tuning import FINE_TUNING_BACKUP, set_backbone_trainable
+    from hybridnet_tf.training.fine_tuning import (
+        FINE_TUNING_BACKUP,
+        fine_tuning_optimization,
+        set_backbone_trainable,
+    )
     from hybridnet_tf.training.trainer import train
 
-    name = "backup"
-    if frozen_epochs > 0:
-        set_backbone_trainable(model, unfreeze_blocks, freeze_batch_norm)
-        learning_rate *= learning_rate_factor
-        name = FINE_TUNING_BACKUP
-    elif unfreeze_blocks != -1:
-        set_backbone_trainable(model, unfreeze_blocks, freeze_batch_norm)
-    if min_steps > 0:  # the epoch length train_in_phases gives this phase (small data sets)
-        steps_per_epoch = max(steps_per_epoch, -(-min_steps // max(epochs - frozen_epochs, 1)))
+    if schedule.frozen_epochs > 0:
+        set_backbone_trainable(model, schedule.unfreeze_blocks, schedule.freeze_batch_norm)
+        optimization = fine_tuning_optimization(optimization, schedule)
+        checkpointing = dataclasses.replace(checkpointing, backup_name=FINE_TUNING_BACKUP)
+    elif schedule.unfreeze_blocks != -1:
+        set_backbone_trainable(model, schedule.unfreeze_blocks, schedule.freeze_batch_norm)
+    if schedule.min_steps > 0:  # the epoch length train_in_phases gives this phase (small data sets)
+        added = max(epochs - schedule.frozen_epochs, 1)
+        steps_per_epoch = max(steps_per_epoch, -(-schedule.min_steps // added))
     return train(model, train_data, val_data, label_rank, run_dir, steps_per_epoch, epochs=epochs,
-                 learning_rate=learning_rate, initial_epoch=initial_epoch, backup_name=name,
-                 **train_kwargs)
+                 optimization=optimization, checkpointing=checkpointing, initial_epoch=initial_epoch)
 
 
 def _report_truncation(split, max_length, from_files):

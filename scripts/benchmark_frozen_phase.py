@@ -42,6 +42,7 @@ def main(argv=None):
     from hybridnet_tf.training.feature_cache import extract_features
     from hybridnet_tf.training.fine_tuning import set_backbone_trainable
     from hybridnet_tf.training.head_phase import train_heads_on_features
+    from hybridnet_tf.training.settings import Checkpointing, Optimization
     from hybridnet_tf.training.trainer import train
 
     config = load_config(args.config)
@@ -69,12 +70,13 @@ def main(argv=None):
             self.seconds.append(time.perf_counter() - self.start)
 
     epochs = 3
+    quiet = Checkpointing(monitor="loss", verbose=0)
 
     def through_images():
         timer = EpochTimer()
         with tempfile.TemporaryDirectory() as run_dir:
             train(model, train_data, None, rank, run_dir, steps_per_epoch=steps, epochs=epochs,
-                  monitor="loss", batch_size=batch, verbose=0, extra_callbacks=[timer])
+                  optimization=Optimization(batch_size=batch), checkpointing=quiet, extra_callbacks=[timer])
         return float(np.median(timer.seconds[1:]))
 
     def cached():
@@ -84,7 +86,8 @@ def main(argv=None):
         timer = EpochTimer()
         with tempfile.TemporaryDirectory() as run_dir:
             train_heads_on_features(model, features, None, rank, run_dir, epochs=epochs, steps_per_epoch=steps,
-                                    batch_size=batch, monitor="loss", verbose=0, extra_callbacks=[timer])
+                                    optimization=Optimization(batch_size=batch), checkpointing=quiet,
+                                    extra_callbacks=[timer])
         return extracted, float(np.median(timer.seconds[1:]))
 
     through_images(), cached()  # warm-up: traces, caches, file system

@@ -40,12 +40,13 @@ def measure(backbone, image_size, batch_size, num_labels, jit, policy, steps, wa
 
     from hybridnet_tf.model.hybridnet import build_model
     from hybridnet_tf.training.compute import dtype_policy
+    from hybridnet_tf.training.settings import Optimization
     from hybridnet_tf.training.trainer import compile_training_model, training_batches
 
     with dtype_policy(policy):
         model = build_model(num_labels, backbone=backbone, image_size=image_size, max_length=6)
     training_model = compile_training_model(
-        model, total_steps=10_000, warmup_steps=0, jit_compile=jit
+        model, total_steps=10_000, warmup_steps=0, optimization=Optimization(jit_compile=bool(jit))
     )
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (batch_size, image_size, image_size, 3)).astype("float32")

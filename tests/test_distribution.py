@@ -57,6 +57,7 @@ MIRRORED = textwrap.dedent(
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     from hybridnet_tf.model.hybridnet import build_model
+    from hybridnet_tf.training.settings import Checkpointing, Optimization
     from hybridnet_tf.training.trainer import train
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (16, 32, 32, 3)).astype("float32")
@@ -65,7 +66,8 @@ MIRRORED = textwrap.dedent(
     with strategy.scope():
         model = build_model(4, image_size=32, max_length=4, embedding_dim=8, gru_units=16)
     history = train(model, data, data, np.arange(4), tempfile.mkdtemp(), steps_per_epoch=2,
-                    epochs=2, use_ema=True, warmup_epochs=0, verbose=0)
+                    epochs=2, optimization=Optimization(use_ema=True, warmup_epochs=0),
+                    checkpointing=Checkpointing(verbose=0))
     print(json.dumps({"replicas": strategy.num_replicas_in_sync, **history.history}))
     """
 )
@@ -96,6 +98,7 @@ WORKER = textwrap.dedent(
     from hybridnet_tf.data.coco_json import load_coco_json
     from hybridnet_tf.data.pipeline import make_dataset
     from hybridnet_tf.model.hybridnet import build_model
+    from hybridnet_tf.training.settings import Checkpointing, Optimization
     from hybridnet_tf.training.trainer import train
 
     index, count = distribution.worker_index(strategy)
@@ -116,8 +119,10 @@ WORKER = textwrap.dedent(
         model = build_model(len(images.vocabulary), image_size=32, max_length=4,
                             embedding_dim=8, gru_units=16)
     history = train(model, data, val_data, np.arange(len(images.vocabulary)), run_dir,
-                    steps_per_epoch=4, epochs=3, learning_rate=5e-3, warmup_epochs=0,
-                    use_ema=True, ema_momentum=0.5, verbose=0)
+                    steps_per_epoch=4, epochs=3,
+                    optimization=Optimization(learning_rate=5e-3, warmup_epochs=0, use_ema=True,
+                                              ema_momentum=0.5),
+                    checkpointing=Checkpointing(verbose=0))
     np.savez(os.path.join(out_dir, f"trainable_{index}.npz"),
              **{f"{i}_{v.path}": v.numpy() for i, v in enumerate(model.trainable_weights)})
     with open(os.path.join(out_dir, f"worker_{index}.json"), "w") as f:

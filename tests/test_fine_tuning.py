@@ -11,6 +11,9 @@ from hybridnet_tf.model.efficientnet_lite import EfficientNetLite, block_names
 from hybridnet_tf.model.hybridnet import build_model
 from hybridnet_tf.training import fine_tuning
 from hybridnet_tf.training.fine_tuning import backbone_blocks, set_backbone_trainable, train_in_phases
+from hybridnet_tf.training.settings import Checkpointing, Optimization, PhaseSchedule
+
+QUIET_ON_LOSS = Checkpointing(monitor="loss", verbose=0)
 
 
 def trainable_backbone_names(model):
@@ -73,7 +76,8 @@ def test_two_phases_train_the_right_weights_and_log_every_epoch(tmp_path, monkey
     data = tiny_data()
     history = train_in_phases(
         model, data, data, np.arange(4), str(tmp_path), steps_per_epoch=2, epochs=3,
-        learning_rate=1e-2, frozen_epochs=1, unfreeze_blocks=-1, verbose=0,
+        optimization=Optimization(learning_rate=1e-2), checkpointing=Checkpointing(verbose=0),
+        schedule=PhaseSchedule(frozen_epochs=1, unfreeze_blocks=-1),
     )
     for b, a in zip(before, after_phase_1["values"]):
         np.testing.assert_array_equal(b, a)  # phase 1: backbone frozen
@@ -90,7 +94,8 @@ def test_resume_skips_a_finished_frozen_phase(tmp_path, capsys):
     data = tiny_data()
     history = train_in_phases(
         model, data, None, np.arange(4), str(tmp_path), steps_per_epoch=2, epochs=2,
-        learning_rate=1e-2, frozen_epochs=1, verbose=0, monitor="loss",
+        optimization=Optimization(learning_rate=1e-2), checkpointing=QUIET_ON_LOSS,
+        schedule=PhaseSchedule(frozen_epochs=1),
     )
     assert "frozen phase already done" in capsys.readouterr().out
     assert history.epoch == [1]
@@ -104,7 +109,8 @@ def test_no_schedule_trains_the_backbone_as_built(tmp_path):
     data = tiny_data()
     train_in_phases(
         model, data, None, np.arange(4), str(tmp_path), steps_per_epoch=1, epochs=1,
-        learning_rate=1e-2, frozen_epochs=0, verbose=0, monitor="loss",
+        optimization=Optimization(learning_rate=1e-2), checkpointing=QUIET_ON_LOSS,
+        schedule=PhaseSchedule(frozen_epochs=0),
     )
     after = {w.path for w in model.trainable_weights}
     assert after == before

@@ -17,8 +17,10 @@ from hybridnet_tf.training.feature_cache import CachedFeatures, FeatureCacheInpu
 from hybridnet_tf.training.fine_tuning import _lengthened, train_in_phases
 from hybridnet_tf.training.head_phase import train_heads_on_features
 from hybridnet_tf.training.linear_probe import fit_linear_probe, set_sigmoid_head
+from hybridnet_tf.training.settings import Checkpointing, Optimization, PhaseSchedule
 
 SMALL = dict(image_size=32, gru_units=16, embedding_dim=8)
+QUIET_ON_LOSS = Checkpointing(monitor="loss", verbose=0)
 
 
 def images_and_labels(count=16, num_labels=4, size=32, seed=0):
@@ -72,8 +74,8 @@ def test_pretrained_batch_norm_statistics_stay_put_in_every_phase(tmp_path, pret
     images, labels = images_and_labels()
     train_in_phases(
         model, dataset(images, labels), None, np.arange(4), str(tmp_path / "run"), steps_per_epoch=2,
-        epochs=2, learning_rate=1e-2, frozen_epochs=frozen_epochs, monitor="loss", verbose=0,
-        batch_size=8,
+        epochs=2, optimization=Optimization(learning_rate=1e-2, batch_size=8), checkpointing=QUIET_ON_LOSS,
+        schedule=PhaseSchedule(frozen_epochs=frozen_epochs),
     )
     after = batch_norm_statistics(model)
     for path, value in before.items():
@@ -89,7 +91,7 @@ def test_batch_norm_of_a_backbone_from_scratch_does_learn(tmp_path):
     images, labels = images_and_labels()
     train_in_phases(
         model, dataset(images, labels), None, np.arange(4), str(tmp_path), steps_per_epoch=2,
-        epochs=1, learning_rate=1e-2, monitor="loss", verbose=0,
+        epochs=1, optimization=Optimization(learning_rate=1e-2), checkpointing=QUIET_ON_LOSS,
     )
     after = batch_norm_statistics(model)
     assert any(not np.allclose(after[p], v) for p, v in before.items())
@@ -146,7 +148,8 @@ def test_heads_trained_on_cached_features_fit_eight_examples(tmp_path, head):
     model = build_model(4, head=head, dropout=0.0, **SMALL)
     train_heads_on_features(
         model, CachedFeatures(features, labels), None, np.arange(4), str(tmp_path), epochs=10,
-        steps_per_epoch=30, batch_size=8, learning_rate=1e-2, monitor="loss", verbose=0,
+        steps_per_epoch=30, optimization=Optimization(learning_rate=1e-2, batch_size=8),
+        checkpointing=QUIET_ON_LOSS,
     )
     outputs = build_head_model(model)(features, training=False)
     mean_ap, _ = mean_average_precision(labels, outputs["scores"].numpy())
@@ -184,8 +187,10 @@ def test_cached_frozen_phase_keeps_the_probe_head_and_trains_the_decoder(tmp_pat
     decoder_before = [w.numpy().copy() for w in model.get_layer(LABEL_DECODER).weights]
     train_in_phases(
         model, train_data, dataset(images[:8], labels[:8]), np.arange(4), str(tmp_path), steps_per_epoch=3,
-        epochs=2, learning_rate=1e-2, frozen_epochs=2, frozen_steps=20, monitor="val_mAP", verbose=0,
-        batch_size=8, feature_cache=FeatureCacheInputs(train_data, flip_views=True, seed=0),
+        epochs=2, optimization=Optimization(learning_rate=1e-2, batch_size=8),
+        checkpointing=Checkpointing(monitor="val_mAP", verbose=0),
+        schedule=PhaseSchedule(frozen_epochs=2, frozen_steps=20,
+                               feature_cache=FeatureCacheInputs(train_data, flip_views=True, seed=0)),
     )
     out = capsys.readouterr().out
     assert "cached 48 feature views" in out

@@ -11,6 +11,7 @@ from hybridnet_tf.export.saved_model import PREDICT_IMAGES, export_saved_model
 from hybridnet_tf.export.tflite import export_tflite
 from hybridnet_tf.model.hybridnet import build_model, with_training_targets
 from hybridnet_tf.training.compute import dtype_policy
+from hybridnet_tf.training.settings import Optimization
 from hybridnet_tf.training.trainer import compile_training_model
 
 LABELS = ["a", "b", "c", "d"]
@@ -22,7 +23,7 @@ def mixed_model(tmp_path_factory):
     keras.utils.set_random_seed(0)
     with dtype_policy("mixed_float16"):
         model = build_model(4, image_size=32, max_length=4, embedding_dim=8, gru_units=16, dropout=0.0)
-        training_model = compile_training_model(model, total_steps=1, learning_rate=1e-2)
+        training_model = compile_training_model(model, total_steps=1, optimization=Optimization(learning_rate=1e-2))
     assert isinstance(training_model.optimizer, keras.optimizers.LossScaleOptimizer)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from hybridnet_tf.model.hybridnet import build_model
 from hybridnet_tf.training.compute import dtype_policy, resolve_jit_compile, resolve_mixed_precision
+from hybridnet_tf.training.settings import Checkpointing, Optimization
 from hybridnet_tf.training.trainer import train, training_batches
 
 NUM_LABELS = 4
@@ -44,10 +45,10 @@ class Record(keras.callbacks.Callback):
         logs["hook_epoch"] = float(epoch)
 
 
-def fit_tiny(model, tmp_path, **kwargs):
-    options = dict(steps_per_epoch=2, epochs=1, monitor="loss", verbose=0, warmup_epochs=0)
-    options.update(kwargs)
-    return train(model, tiny_batches(), None, np.arange(NUM_LABELS), str(tmp_path), **options)
+def fit_tiny(model, tmp_path, epochs=1, extra_callbacks=(), **optimization):
+    return train(model, tiny_batches(), None, np.arange(NUM_LABELS), str(tmp_path), steps_per_epoch=2,
+                 epochs=epochs, optimization=Optimization(**{"warmup_epochs": 0, **optimization}),
+                 checkpointing=Checkpointing(monitor="loss", verbose=0), extra_callbacks=extra_callbacks)
 
 
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="checks the CPU choice")

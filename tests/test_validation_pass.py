@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from hybridnet_tf.model.hybridnet import build_model, with_training_targets
 from hybridnet_tf.training.callbacks import ValidationMetrics
+from hybridnet_tf.training.settings import Checkpointing
 from hybridnet_tf.training.trainer import compile_training_model, train
 
 LABEL_RANK = [0, 1, 2, 3]
@@ -56,7 +57,7 @@ def test_train_reads_val_once_per_epoch_and_logs_val_loss(tmp_path):
     at_epoch_start = []
     mark = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: at_epoch_start.append(len(reads)))
     history = train(model, tiny_data(), val, LABEL_RANK, str(tmp_path), steps_per_epoch=2, epochs=3,
-                    verbose=0, extra_callbacks=[mark])
+                    checkpointing=Checkpointing(verbose=0), extra_callbacks=[mark])
     # Each val image once in the second epoch: fit's own pass used to add 20 more.
     # (The first epoch also reads a few for TensorBoard's example images.)
     assert at_epoch_start[2] - at_epoch_start[1] == 20

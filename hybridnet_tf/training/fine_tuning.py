@@ -14,6 +14,7 @@ phase are kept in `run_dir/frozen_phase.weights.h5` until the run ends, so a
 run killed during fine-tuning resumes without redoing the frozen phase.
 """
 
+import dataclasses
 import math
 import os
 import re
@@ -23,6 +24,7 @@ import keras
 
 from hybridnet_tf.model.hybridnet import IMAGE_ENCODER, LABEL_DECODER, SIGMOID_HEAD, layer_or_none
 from hybridnet_tf.training import distribution
+from hybridnet_tf.training.settings import Checkpointing, Optimization, PhaseSchedule
 from hybridnet_tf.training.trainer import train
 
 FROZEN_PHASE_WEIGHTS = "frozen_phase.weights.h5"
@@ -153,94 +155,86 @@ def train_in_phases(
     run_dir,
     steps_per_epoch,
     epochs,
-    learning_rate,
-    frozen_epochs=0,
-    unfreeze_blocks=-1,
-    learning_rate_factor=0.1,
-    frozen_steps=0,
-    min_steps=0,
-    feature_cache=None,
-    freeze_batch_norm=True,
-    **train_kwargs,
+    optimization=None,
+    checkpointing=None,
+    schedule=None,
 ):
     """`trainer.train` with an optional frozen-backbone phase before fine-tuning.
 
     The frozen phase trains the heads on cached backbone features when
-    `feature_cache` is given (`head_phase.train_heads_on_features`): seconds
-    instead of a pass through the backbone per step.
+    `schedule.feature_cache` is given (`head_phase.train_heads_on_features`):
+    seconds instead of a pass through the backbone per step.
 
     Args:
         model, train_data, val_data, label_rank, run_dir, steps_per_epoch,
-        epochs, learning_rate: as in `trainer.train` (`epochs` counts both phases).
-        frozen_epochs: epochs with the backbone frozen (0: no frozen phase;
-            >= `epochs`: the backbone stays frozen throughout).
-        unfreeze_blocks: for the second phase: -1 all, K the top K blocks.
-        learning_rate_factor: the second phase's peak learning rate is
-            `learning_rate * learning_rate_factor`.
-        frozen_steps: optimiser steps of the frozen phase at the least; its
-            epochs are lengthened to reach it (a small data set otherwise
-            gets a few dozen steps). 0: one pass over the data per epoch.
-        min_steps: the same for the phase with the backbone trainable (or
-            for the whole run without a frozen phase).
-        feature_cache: a `feature_cache.FeatureCacheInputs` to train the
-            frozen phase on cached features, or None to run the backbone on
-            every step.
-        freeze_batch_norm: keep the backbone's BatchNormalization frozen
-            when it is unfrozen (see `set_backbone_trainable`).
-        **train_kwargs: passed on to `trainer.train` (`batch_size` is needed
-            with `feature_cache`).
+        epochs: as in `trainer.train` (`epochs` counts both phases).
+        optimization: a `settings.Optimization`; its learning rate is the
+            frozen phase's (`batch_size` is needed with a feature cache).
+        checkpointing: a `settings.Checkpointing`; the fine-tuning phase
+            backs up to its own folder.
+        schedule: a `settings.PhaseSchedule` (default: no frozen phase).
 
     Returns:
         The History of the run (every epoch of both phases).
     """
-    common = dict(train_data=train_data, val_data=val_data, label_rank=label_rank,
-                  run_dir=run_dir, **train_kwargs)
-    if frozen_epochs <= 0:
+    optimization = optimization or Optimization()
+    checkpointing = checkpointing or Checkpointing()
+    schedule = schedule or PhaseSchedule()
+    common = dict(train_data=train_data, val_data=val_data, label_rank=label_rank, run_dir=run_dir,
+                  checkpointing=checkpointing)
+    if schedule.frozen_epochs <= 0:
         # No schedule: train the model as built. (Unfreezing "all" here keeps a
         # backbone trained from scratch with trainable BatchNorm.)
-        if unfreeze_blocks != -1:
-            set_backbone_trainable(model, unfreeze_blocks, freeze_batch_norm)
-        return train(model, epochs=epochs, learning_rate=learning_rate,
-                     steps_per_epoch=_lengthened(steps_per_epoch, epochs, min_steps), **common)
-    frozen_epochs = min(frozen_epochs, epochs)
+        if schedule.unfreeze_blocks != -1:
+            set_backbone_trainable(model, schedule.unfreeze_blocks, schedule.freeze_batch_norm)
+        return train(model, epochs=epochs, optimization=optimization,
+                     steps_per_epoch=_lengthened(steps_per_epoch, epochs, schedule.min_steps), **common)
+    frozen_epochs = min(schedule.frozen_epochs, epochs)
     marker = os.path.join(run_dir, FROZEN_PHASE_WEIGHTS)
     if os.path.isfile(marker):
         print(f"frozen phase already done ({marker}); resuming the fine-tuning phase")
         model.load_weights(marker)
     else:
         set_backbone_trainable(model, 0)
-        history = _frozen_phase(model, frozen_epochs, learning_rate, steps_per_epoch, frozen_steps,
-                                feature_cache, common)
+        history = _frozen_phase(model, frozen_epochs, steps_per_epoch, optimization, schedule, common)
         if frozen_epochs == epochs:
             return history
         if distribution.is_chief(model.distribute_strategy):
             tmp = marker.replace(".weights.h5", ".tmp.weights.h5")
             model.save_weights(tmp)
             os.replace(tmp, marker)
-    count = set_backbone_trainable(model, unfreeze_blocks, freeze_batch_norm)
-    which = "all blocks" if unfreeze_blocks == -1 else f"the top {unfreeze_blocks} block(s)"
+    count = set_backbone_trainable(model, schedule.unfreeze_blocks, schedule.freeze_batch_norm)
+    which = "all blocks" if schedule.unfreeze_blocks == -1 else f"the top {schedule.unfreeze_blocks} block(s)"
+    fine_tuning = fine_tuning_optimization(optimization, schedule)
     print(f"phase 2: fine-tuning {which} of the backbone ({count:,} weights) "
-          f"at learning rate {learning_rate * learning_rate_factor:g}")
+          f"at learning rate {fine_tuning.learning_rate:g}")
     history = train(
         model,
         epochs=epochs,
         initial_epoch=frozen_epochs,
-        learning_rate=learning_rate * learning_rate_factor,
-        steps_per_epoch=_lengthened(steps_per_epoch, epochs - frozen_epochs, min_steps),
-        backup_name=FINE_TUNING_BACKUP,
-        **common,
+        optimization=fine_tuning,
+        steps_per_epoch=_lengthened(steps_per_epoch, epochs - frozen_epochs, schedule.min_steps),
+        **{**common, "checkpointing": dataclasses.replace(checkpointing, backup_name=FINE_TUNING_BACKUP)},
     )
     if os.path.isfile(marker) and distribution.is_chief(model.distribute_strategy):
         os.remove(marker)
     return history
 
 
-def _frozen_phase(model, epochs, learning_rate, steps_per_epoch, frozen_steps, feature_cache, common):
+def fine_tuning_optimization(optimization, schedule):
+    """The optimization of the phase after a frozen one: the learning rate times the schedule's factor."""
+    return dataclasses.replace(
+        optimization, learning_rate=optimization.learning_rate * schedule.learning_rate_factor
+    )
+
+
+def _frozen_phase(model, epochs, steps_per_epoch, optimization, schedule, common):
     """Phase 1: the heads trained with the backbone frozen, on cached features when possible."""
+    feature_cache = schedule.feature_cache
     if feature_cache is None:
-        steps = _lengthened(steps_per_epoch, epochs, frozen_steps)
+        steps = _lengthened(steps_per_epoch, epochs, schedule.frozen_steps)
         print(f"phase 1: backbone frozen for {epochs} epoch(s) of {steps} steps")
-        return train(model, epochs=epochs, learning_rate=learning_rate, steps_per_epoch=steps, **common)
+        return train(model, epochs=epochs, optimization=optimization, steps_per_epoch=steps, **common)
     from hybridnet_tf.training.feature_cache import extract_features
     from hybridnet_tf.training.head_phase import train_heads_on_features
 
@@ -250,6 +244,7 @@ def _frozen_phase(model, epochs, learning_rate, steps_per_epoch, frozen_steps, f
     if common["val_data"] is not None:
         val_features = extract_features(model, common["val_data"], name="val")
     print(f"cached {len(train_features)} feature views in {time.perf_counter() - start:.1f} s")
+    checkpointing = common["checkpointing"]
     sigmoid_head = layer_or_none(model, SIGMOID_HEAD)
     if feature_cache.probe_init and sigmoid_head is not None:
         from hybridnet_tf.training.linear_probe import fit_linear_probe, set_sigmoid_head
@@ -267,14 +262,15 @@ def _frozen_phase(model, epochs, learning_rate, steps_per_epoch, frozen_steps, f
             return _save_without_training(model, common["run_dir"])
         sigmoid_head.trainable = False
         score_mix = layer_or_none(model, "score_mix")
-        if score_mix is not None and score_mix.sigmoid_weight == 1.0 and common.get("monitor") == "val_mAP":
+        if score_mix is not None and score_mix.sigmoid_weight == 1.0 and checkpointing.monitor == "val_mAP":
             # The scores are the fixed probe's: pick the decoder's epoch by its label sets.
-            common = {**common, "monitor": "val_decoded_OF1"}
-    batch_size = common["batch_size"]
-    steps = _lengthened(math.ceil(len(train_features) / batch_size), epochs, frozen_steps)
+            checkpointing = dataclasses.replace(checkpointing, monitor="val_decoded_OF1")
+    batch_size = optimization.batch_size
+    if not batch_size:
+        raise ValueError("a frozen phase on cached features needs optimization.batch_size")
+    steps = _lengthened(math.ceil(len(train_features) / batch_size), epochs, schedule.frozen_steps)
     print(f"phase 1: heads on cached features for {epochs} epoch(s) of {steps} steps; "
-          f"best epoch by {common.get('monitor', 'val_mAP')}")
-    keys = ("weight_decay", "warmup_epochs", "monitor", "threshold", "verbose")
+          f"best epoch by {checkpointing.monitor}")
     try:
         return train_heads_on_features(
             model,
@@ -284,10 +280,9 @@ def _frozen_phase(model, epochs, learning_rate, steps_per_epoch, frozen_steps, f
             common["run_dir"],
             epochs=epochs,
             steps_per_epoch=steps,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
+            optimization=optimization,
+            checkpointing=checkpointing,
             seed=feature_cache.seed,
-            **{key: common[key] for key in keys if key in common},
         )
     finally:
         if sigmoid_head is not None:

@@ -23,6 +23,7 @@ from hybridnet_tf.training.callbacks import (
     ValidationMetrics,
     save_model_atomically,
 )
+from hybridnet_tf.training.settings import Checkpointing, Optimization
 from hybridnet_tf.training.tensorboard_summaries import summaries_for_run
 from hybridnet_tf.training.trainer import EPOCH_LOG, HISTORY_FILE, compile_training_model
 
@@ -47,14 +48,9 @@ def train_heads_on_features(
     run_dir,
     epochs,
     steps_per_epoch,
-    batch_size,
-    learning_rate=2e-3,
-    weight_decay=1e-4,
-    warmup_epochs=1,
-    monitor="val_mAP",
-    threshold=0.5,
+    optimization,
+    checkpointing=None,
     seed=None,
-    verbose="auto",
     extra_callbacks=(),
 ):
     """Fits `model`'s heads on cached features; writes best.keras, last.keras and the epoch log.
@@ -67,23 +63,33 @@ def train_heads_on_features(
         run_dir: the run directory.
         epochs: epochs of this phase.
         steps_per_epoch: optimiser steps per epoch (the cached features repeat).
-        batch_size: examples per step.
-        learning_rate, weight_decay, warmup_epochs: AdamW with warmup and cosine decay.
-        monitor: what picks the best weights ("val_mAP", "loss", ...).
-        threshold: score threshold of the per-epoch CF1 / OF1.
+        optimization: a `settings.Optimization` with `batch_size` set. Its
+            learning rate, weight decay and warmup are used; the heads train
+            without XLA and one batch per call, whatever it says (XLA ran
+            0.37x as fast per step on CPU, docs/performance.md), and without
+            EMA (this phase keeps its best weights itself).
+        checkpointing: a `settings.Checkpointing`; `monitor`, `threshold`
+            and `verbose` are used (no backups: see the module docstring).
         seed: shuffle seed.
-        verbose: Keras `fit` verbosity.
         extra_callbacks: more Keras callbacks, run after the validation metrics.
 
     Returns:
         The `keras.callbacks.History` of the fit.
     """
+    checkpointing = checkpointing or Checkpointing()
+    batch_size = optimization.batch_size
+    if not batch_size:
+        raise ValueError("training on cached features needs optimization.batch_size")
+    monitor = checkpointing.monitor
     training_model = compile_training_model(
         model,
         total_steps=steps_per_epoch * epochs,
-        warmup_steps=int(round(warmup_epochs * steps_per_epoch)),
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
+        warmup_steps=int(round(optimization.warmup_epochs * steps_per_epoch)),
+        optimization=Optimization(
+            learning_rate=optimization.learning_rate,
+            weight_decay=optimization.weight_decay,
+            jit_compile=False,
+        ),
         from_features=True,
     )
     targets = lambda dataset: with_training_targets(  # noqa: E731
@@ -95,7 +101,7 @@ def train_heads_on_features(
         # val_loss comes from the metrics' own pass (no validation_data for fit).
         val_batches = val_features.to_dataset(max(batch_size, 64))
         callbacks.append(ValidationMetrics(
-            model, val_batches, threshold=threshold, label_rank=label_rank, from_features=True, seed=seed
+            model, val_batches, threshold=checkpointing.threshold, label_rank=label_rank, from_features=True, seed=seed
         ))
         # PR curves (from the metrics' predictions) and hparams; no images of features.
         callbacks += summaries_for_run(
@@ -120,7 +126,7 @@ def train_heads_on_features(
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         callbacks=callbacks,
-        verbose=verbose,
+        verbose=checkpointing.verbose,
     )
     save_model_atomically(model, os.path.join(run_dir, "best.keras"))
     return history

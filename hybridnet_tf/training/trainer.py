@@ -23,6 +23,7 @@ from hybridnet_tf.training.callbacks import (
     history_of,
 )
 from hybridnet_tf.training.compute import dtype_policy, resolve_jit_compile
+from hybridnet_tf.training.settings import Checkpointing, Optimization
 from hybridnet_tf.training.tensorboard_summaries import summaries_for_run
 
 EPOCH_LOG = "history.csv"
@@ -48,30 +49,19 @@ def train(
     run_dir,
     steps_per_epoch,
     epochs=10,
-    learning_rate=2e-3,
-    weight_decay=1e-4,
-    warmup_epochs=1,
-    jit_compile="auto",
-    steps_per_execution=1,
-    monitor="val_mAP",
-    val_max_batches=None,
-    threshold=0.5,
-    batch_size=None,
-    use_ema=False,
-    ema_momentum=0.99,
-    backup_steps=0,
+    optimization=None,
+    checkpointing=None,
     extra_callbacks=(),
     initial_epoch=0,
-    backup_name="backup",
-    verbose="auto",
 ):
     """Fits a HybridNet with teacher forcing and writes checkpoints and logs to `run_dir`.
 
     Running the same call again after a crash or kill resumes from the last
-    backup in `run_dir/backup` (Keras' `BackupAndRestore`: weights,
-    optimizer state and epoch) and finishes the planned epochs; the epoch
-    log and `history.json` then hold every epoch once. Keras 3 restarts an
-    interrupted epoch from its first batch, with the weights of the last backup.
+    backup in `run_dir/<checkpointing.backup_name>` (Keras'
+    `BackupAndRestore`: weights, optimizer state and epoch) and finishes the
+    planned epochs; the epoch log and `history.json` then hold every epoch
+    once. Keras 3 restarts an interrupted epoch from its first batch, with
+    the weights of the last backup.
 
     Distribution: build `model` inside `strategy.scope()` (and shard the
     data with `distribution.shard_for_worker`); the training model is
@@ -88,65 +78,37 @@ def train(
         val_data: batches of `(images, multi_hot)`, or None.
         label_rank: [L] decoding order of the labels (`LabelVocabulary.label_rank`).
         run_dir: folder for `best.keras`, `last.keras`, `logs/`, `history.csv`,
-            `history.json` and `backup/`.
+            `history.json` and the backups.
         steps_per_epoch: batches in one epoch of `train_data`.
         epochs: passes over the training data.
-        learning_rate: peak AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        warmup_epochs: linear warmup length before cosine decay.
-        jit_compile: "auto", True or False (`compute.resolve_jit_compile`):
-            XLA on a single GPU, off on CPU.
-        steps_per_execution: batches per `tf.function` call.
-        monitor: epoch log key that picks `best.keras` (e.g. "val_mAP", "loss").
-        val_max_batches: cap on val batches for the per-epoch metrics and `val_loss`
-            (both come from one pass, `callbacks.ValidationMetrics`).
-        threshold: score threshold of the per-epoch CF1 / OF1.
-        batch_size: the global batch size of `train_data`; with XLA the
-            training batches are re-cut to exactly this size, so every step
-            has the same static shape (no recompiling for a last, smaller batch).
-        use_ema: keep an exponential moving average of the weights in the
-            optimizer. Validation metrics and `best.keras` / `last.keras`
-            then use the EMA weights, and `fit` leaves them in `model`.
-        ema_momentum: EMA momentum per step.
-        backup_steps: back up the training state every this many steps;
-            0 backs up at the end of each epoch.
+        optimization: a `settings.Optimization` (default: its defaults).
+        checkpointing: a `settings.Checkpointing` (default: its defaults).
         extra_callbacks: more Keras callbacks (e.g. a fine-tuning schedule);
             they run after the validation metrics and before the
             checkpoints and TensorBoard, so their logs are recorded.
         initial_epoch: the epoch to start at (a later training phase);
             `epochs` is then the index of the last epoch + 1, as in `fit`.
-        backup_name: folder in `run_dir` for the backups of this call; a
-            phase with another optimizer needs its own.
-        verbose: Keras `fit` verbosity.
 
     Returns:
         The `keras.callbacks.History` of the fit, whose `history` and
         `epoch` cover every epoch of the run, earlier interrupted processes
         included.
     """
-    if backup_steps < 0:
-        raise ValueError(
-            f"train.backup_steps must be >= 0 (0: back up each epoch), got {backup_steps}"
-        )
-    if not 0.0 <= ema_momentum < 1.0:
-        raise ValueError(f"train.ema_momentum must be in [0, 1), got {ema_momentum}")
+    optimization = optimization or Optimization()
+    checkpointing = checkpointing or Checkpointing()
     strategy = model.distribute_strategy
-    jit = resolve_jit_compile(jit_compile, strategy)
+    jit = resolve_jit_compile(optimization.jit_compile, strategy)
     multi_worker = distribution.is_multi_worker(strategy)
     training_model = compile_training_model(
         model,
         total_steps=steps_per_epoch * (epochs - initial_epoch),
-        warmup_steps=int(round(warmup_epochs * steps_per_epoch)),
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        jit_compile=jit,
-        steps_per_execution=steps_per_execution,
-        use_ema=use_ema,
-        ema_momentum=ema_momentum,
+        warmup_steps=int(round(optimization.warmup_epochs * steps_per_epoch)),
+        optimization=optimization,
     )
     train_sequences = training_batches(
-        train_data, model, label_rank, static_batch_size=batch_size if jit else None
+        train_data, model, label_rank, static_batch_size=optimization.batch_size if jit else None
     )
+    monitor = checkpointing.monitor
     if val_data is None and monitor.startswith("val_"):
         monitor = "loss"
 
@@ -154,9 +116,10 @@ def train(
         history_logger = RunHistoryLogger(os.path.join(out_dir, EPOCH_LOG), os.path.join(out_dir, HISTORY_FILE))
         callbacks = _callbacks(
             model, val_data, label_rank, out_dir, history_logger,
-            backup=distribution.backup_dir(run_dir, strategy, backup_name),
-            monitor=monitor, threshold=threshold, val_max_batches=val_max_batches,
-            backup_steps=backup_steps, extra_callbacks=extra_callbacks,
+            backup=distribution.backup_dir(run_dir, strategy, checkpointing.backup_name),
+            monitor=monitor, threshold=checkpointing.threshold,
+            val_max_batches=checkpointing.val_max_batches,
+            backup_steps=checkpointing.backup_steps, extra_callbacks=extra_callbacks,
         )
         with strategy.scope():
             # No validation_data: ValidationMetrics computes val_loss in its own
@@ -168,12 +131,12 @@ def train(
                 initial_epoch=initial_epoch,
                 steps_per_epoch=steps_per_epoch,
                 callbacks=callbacks,
-                verbose=verbose,
+                verbose=checkpointing.verbose,
             )
         rows = history_logger.rows()
     if multi_worker:
         with contextlib.suppress(OSError):  # the per-worker backups are gone: drop their folder
-            os.rmdir(os.path.join(run_dir, backup_name))
+            os.rmdir(os.path.join(run_dir, checkpointing.backup_name))
     history.history = {
         key: [float("nan") if value is None else value for value in values]
         for key, values in history_of(rows).items()
@@ -209,18 +172,7 @@ def _callbacks(model, val_data, label_rank, out_dir, history_logger, backup, mon
     return callbacks
 
 
-def compile_training_model(
-    model,
-    total_steps,
-    warmup_steps=0,
-    learning_rate=2e-3,
-    weight_decay=1e-4,
-    jit_compile=False,
-    steps_per_execution=1,
-    use_ema=False,
-    ema_momentum=0.99,
-    from_features=False,
-):
+def compile_training_model(model, total_steps, warmup_steps=0, optimization=None, from_features=False):
     """Builds and compiles the teacher-forcing model that `train` fits.
 
     Uses the strategy `model` was built under and its dtype policy, so under
@@ -230,18 +182,15 @@ def compile_training_model(
         model: the inference model from `build_model`.
         total_steps: training steps in all (the length of the cosine decay).
         warmup_steps: steps of linear warmup.
-        learning_rate: peak AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        jit_compile: a bool (see `compute.resolve_jit_compile`).
-        steps_per_execution: batches per `tf.function` call.
-        use_ema: keep an EMA of the weights in the optimizer.
-        ema_momentum: EMA momentum per step.
+        optimization: a `settings.Optimization` (its `jit_compile` is
+            resolved by `compute.resolve_jit_compile`).
         from_features: train the heads on pooled features
             (`build_training_model(from_features=True)`).
 
     Returns:
         The compiled training model, its optimizer built.
     """
+    optimization = optimization or Optimization()
     strategy = model.distribute_strategy
     with dtype_policy(model.dtype_policy.name):
         if distribution.is_multi_worker(strategy):
@@ -253,17 +202,17 @@ def compile_training_model(
                 training_model = build_training_model(model, from_features)
     with strategy.scope(), dtype_policy(model.dtype_policy.name):
         optimizer = keras.optimizers.AdamW(
-            warmup_cosine_schedule(learning_rate, total_steps, warmup_steps),
-            weight_decay=weight_decay,
+            warmup_cosine_schedule(optimization.learning_rate, total_steps, warmup_steps),
+            weight_decay=optimization.weight_decay,
             clipnorm=5.0,
-            use_ema=use_ema,
-            ema_momentum=ema_momentum,
+            use_ema=optimization.use_ema,
+            ema_momentum=optimization.ema_momentum,
         )
         training_model.compile(
             optimizer=optimizer,
             loss=training_loss(model),
-            jit_compile=jit_compile,
-            steps_per_execution=steps_per_execution,
+            jit_compile=resolve_jit_compile(optimization.jit_compile, strategy),
+            steps_per_execution=optimization.steps_per_execution,
         )
         # Optimizer variables are made here, under the strategy, not inside the first step.
         training_model.optimizer.build(training_model.trainable_variables)
