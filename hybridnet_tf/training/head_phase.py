@@ -101,7 +101,8 @@ def train_heads_on_features(
         # val_loss comes from the metrics' own pass (no validation_data for fit).
         val_batches = val_features.to_dataset(max(batch_size, 64))
         callbacks.append(ValidationMetrics(
-            model, val_batches, threshold=checkpointing.threshold, label_rank=label_rank, from_features=True, seed=seed
+            model, val_batches, threshold=checkpointing.threshold, label_rank=label_rank,
+            from_features=True, seed=seed,
         ))
         # PR curves (from the metrics' predictions) and hparams; no images of features.
         callbacks += summaries_for_run(
