@@ -16,8 +16,9 @@ ours / peer, lower is better).
   with heads `bce`, `hybrid_rnn` (pooled GRU decoder) and `hybrid_rnn` with
   `decoder="attention"`; training through `build_training_model` +
   `training_loss` + `with_training_targets` and `train_on_batch` (AdamW);
-  batch inference through a `tf.function` of the model (fixed input
-  signature); single-image latency through the exported SavedModel
+  batch inference through a `tf.function` of the model with its BatchNorm
+  folded into the convolutions (`fold_batch_norm`, as `load_predictor` runs
+  a run dir; fixed input signature); single-image latency through the exported SavedModel
   (`predict_images`) and TFLite fp32 / int8 (`load_predictor`, LiteRT,
   `--threads` threads) against the peer's eager batch-1 call.
 
@@ -41,6 +42,7 @@ Run (repo root; torch is an optional benchmark dependency, CPU build):
 import argparse
 import datetime
 import glob
+import json
 import os
 import sys
 import time
@@ -180,7 +182,13 @@ def ensure_exports(args, name, model, names, calibration):
     from hybridnet_tf.export.tflite import export_tflite
 
     paths = export_paths(args, name)
-    if not os.path.isfile(os.path.join(paths["saved_model"], "saved_model.pb")):
+    metadata = os.path.join(paths["saved_model"], "export.json")
+    # Exports of a version without BatchNorm folding are redone (export.json says).
+    current = os.path.isfile(metadata) and "batch_norm_folded" in json.load(open(metadata))
+    if not current:
+        for key in ("tflite_fp32", "tflite_int8"):
+            if os.path.isfile(paths[key]):
+                os.remove(paths[key])
         start = time.perf_counter()
         export_saved_model(model, names, paths["saved_model"], args.image_size, overwrite=True)
         print(f"  {name}: SavedModel exported in {time.perf_counter() - start:.0f} s", flush=True)
@@ -202,6 +210,7 @@ def build_ours(args, images, multi_hot):
     import tensorflow as tf
 
     from hybridnet_tf.export.artifacts import load_predictor
+    from hybridnet_tf.export.fold_batch_norm import fold_batch_norm
     from hybridnet_tf.model.hybridnet import (
         build_model,
         build_training_model,
@@ -239,7 +248,9 @@ def build_ours(args, images, multi_hot):
             )
             inputs, targets = next(iter(with_training_targets(batch, model, label_rank, seed=0)))
             train_step = lambda tm=training_model, x=inputs, y=targets: tm.train_on_batch(x, y)  # noqa: E731
-        predict = tf.function(lambda x, m=model: m(x, training=False), input_signature=signature)
+        # What `load_predictor` runs for a run dir: BatchNorm folded into the convs.
+        inference_model, _ = fold_batch_norm(model)
+        predict = tf.function(lambda x, m=inference_model: m(x, training=False), input_signature=signature)
         batch_calls[name] = (train_step, lambda p=predict: p(image_tensor)["scores"].numpy())
         single = image_tensor[:1]
         single_calls[f"ours {name}, tf.function"] = lambda p=predict, x=single: p(x)["scores"].numpy()

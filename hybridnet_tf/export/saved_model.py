@@ -21,7 +21,12 @@ Outputs:
 
 Beside `saved_model.pb` the export folder holds `labels.json` (the label
 vocabulary), `thresholds.json` (global and per-label score thresholds) and
-`export.json` (image size, resize policy, signatures).
+`export.json` (image size, resize policy, signatures, how many
+BatchNormalization layers were folded).
+
+The exported graph has each BatchNormalization folded into the convolution
+before it (`fold_batch_norm`): at inference that is the same function, and
+it saved ~20 % of the time of a Lite0 call on CPU (docs/performance.md).
 """
 
 import os
@@ -38,6 +43,7 @@ from hybridnet_tf.export.artifacts import (
     write_labels,
     write_thresholds,
 )
+from hybridnet_tf.export.fold_batch_norm import fold_batch_norm
 from hybridnet_tf.export.precision import float32_model
 
 SERVING_DEFAULT = "serving_default"
@@ -110,6 +116,8 @@ def export_saved_model(
         raise ValueError(f"unknown resize policy {resize!r}; choose one of {list(RESIZE_POLICIES)}")
     # A mixed_float16 model is exported as its float32 rebuild (CPU serving, TFLite).
     model = float32_model(model)
+    # BatchNorm folded into the convolutions: the same answers in ~0.8x the time.
+    model, folded = fold_batch_norm(model)
     names = list(getattr(vocabulary, "names", vocabulary))
     num_labels = int(model.output["scores"].shape[-1])
     if len(names) != num_labels:
@@ -163,6 +171,7 @@ def export_saved_model(
                 PREDICT_IMAGES_UINT8: f"image: uint8 [B, {size}, {size}, 3]",
             },
             outputs=["scores", "labels", "label_ids", "num_labels_predicted"],
+            batch_norm_folded=folded,
         )
 
     return replace_atomically(out_dir, write, overwrite=overwrite)
