@@ -56,7 +56,12 @@ class AttentionLabelDecoder(LabelDecoder):
         self.attention_query = keras.layers.Dense(
             attention_units, use_bias=False, name="attention_query", dtype=policy
         )
-        self.attention_score = keras.layers.Dense(1, name="attention_score", dtype=policy)
+        # Zero scores at the start: uniform attention, whose read is the pooled
+        # feature, so the decoder starts as the pooled decoder and learns where
+        # to look from there (random scores start it on an arbitrary mix).
+        self.attention_score = keras.layers.Dense(
+            1, kernel_initializer="zeros", name="attention_score", dtype=policy
+        )
         self.context_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
         self.gate = (
             keras.layers.Dense(1, activation="sigmoid", name="attention_gate", dtype=policy)
