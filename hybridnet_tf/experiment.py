@@ -6,7 +6,6 @@ loading lives in `data/load_splits.py`, evaluation in
 `evaluation/evaluate_run.py`, the run directory's files in `run_files.py`.
 """
 
-import dataclasses
 import functools
 import logging
 import os
@@ -151,6 +150,35 @@ def feature_cache_of(config, train_split, strategy, from_files=True):
     )
 
 
+def optimization_of(config):
+    """The `settings.Optimization` of the config's `train` section."""
+    train_cfg = config["train"]
+    return Optimization(
+        learning_rate=train_cfg["learning_rate"],
+        weight_decay=train_cfg["weight_decay"],
+        warmup_epochs=train_cfg["warmup_epochs"],
+        jit_compile=train_cfg["jit_compile"],
+        steps_per_execution=train_cfg["steps_per_execution"],
+        batch_size=train_cfg["batch_size"],
+        use_ema=train_cfg["use_ema"],
+        ema_momentum=train_cfg["ema_momentum"],
+    )
+
+
+def schedule_of(config, feature_cache=None):
+    """The `settings.PhaseSchedule` of the config's `train` section."""
+    train_cfg = config["train"]
+    return PhaseSchedule(
+        frozen_epochs=train_cfg["frozen_epochs"],
+        unfreeze_blocks=train_cfg["unfreeze_blocks"],
+        learning_rate_factor=train_cfg["fine_tune_lr_factor"],
+        frozen_steps=train_cfg["frozen_steps"],
+        min_steps=train_cfg["min_steps"],
+        freeze_batch_norm=freeze_batch_norm_of(config),
+        feature_cache=feature_cache,
+    )
+
+
 def run_train(config, run_dir, verbose="auto", overwrite=False):
     """Trains a HybridNet as configured and writes everything into `run_dir`.
 
@@ -200,7 +228,7 @@ def train_on_splits(config, run_dir, splits, strategy=None, verbose="auto"):
     from hybridnet_tf.model.label_sequences import rank_ordering
     from hybridnet_tf.training.compute import describe_devices, dtype_policy, resolve_mixed_precision
     from hybridnet_tf.training.distribution import is_chief, shard_for_worker
-    from hybridnet_tf.training.fine_tuning import train_in_phases
+    from hybridnet_tf.training.fine_tuning import continue_training, train_in_phases
     from hybridnet_tf.training.trainer import steps_for
 
     train_cfg, model_cfg = config["train"], config["model"]
@@ -245,25 +273,8 @@ def train_on_splits(config, run_dir, splits, strategy=None, verbose="auto"):
         eval_batch = config["eval"]["batch_size"]
         val_data = as_dataset(splits.val, config, False, batch_size=eval_batch, from_files=from_files)
         val_batches = steps_for(train_cfg["val_max_images"], eval_batch)
-    schedule = PhaseSchedule(
-        frozen_epochs=train_cfg["frozen_epochs"],
-        unfreeze_blocks=train_cfg["unfreeze_blocks"],
-        learning_rate_factor=train_cfg["fine_tune_lr_factor"],
-        frozen_steps=train_cfg["frozen_steps"],
-        min_steps=train_cfg["min_steps"],
-        feature_cache=feature_cache_of(config, splits.train, strategy, from_files),
-        freeze_batch_norm=freeze_batch_norm_of(config),
-    )
-    optimization = Optimization(
-        learning_rate=train_cfg["learning_rate"],
-        weight_decay=train_cfg["weight_decay"],
-        warmup_epochs=train_cfg["warmup_epochs"],
-        jit_compile=train_cfg["jit_compile"],
-        steps_per_execution=train_cfg["steps_per_execution"],
-        batch_size=train_cfg["batch_size"],
-        use_ema=train_cfg["use_ema"],
-        ema_momentum=train_cfg["ema_momentum"],
-    )
+    schedule = schedule_of(config, feature_cache_of(config, splits.train, strategy, from_files))
+    optimization = optimization_of(config)
     checkpointing = Checkpointing(
         monitor=train_cfg["monitor"],
         val_max_batches=val_batches,
@@ -322,38 +333,6 @@ def _load_last_weights(model, run_dir, epochs_done, schedule):
             "phase only: pass --overwrite to train it again"
         )
     model.load_weights(os.path.join(run_dir, LAST_MODEL))
-
-
-def continue_training(model, train_data, val_data, label_rank, run_dir, steps_per_epoch, epochs,
-                      optimization, checkpointing, schedule, initial_epoch):
-    """Trains a finished run on from epoch `initial_epoch` to `epochs`, from the weights in `model`.
-
-    The trainable part and learning rate are those of the run's last phase
-    (fine-tuning after a frozen phase: `schedule.unfreeze_blocks` at the
-    learning rate times `schedule.learning_rate_factor`); the schedule
-    (warmup, cosine decay) and the optimizer state start afresh for the
-    added epochs. `best.keras` is replaced only by an epoch better than the
-    run's earlier best. The arguments are those of
-    `fine_tuning.train_in_phases`.
-    """
-    from hybridnet_tf.training.fine_tuning import (
-        FINE_TUNING_BACKUP,
-        fine_tuning_optimization,
-        set_backbone_trainable,
-    )
-    from hybridnet_tf.training.trainer import train
-
-    if schedule.frozen_epochs > 0:
-        set_backbone_trainable(model, schedule.unfreeze_blocks, schedule.freeze_batch_norm)
-        optimization = fine_tuning_optimization(optimization, schedule)
-        checkpointing = dataclasses.replace(checkpointing, backup_name=FINE_TUNING_BACKUP)
-    elif schedule.unfreeze_blocks != -1:
-        set_backbone_trainable(model, schedule.unfreeze_blocks, schedule.freeze_batch_norm)
-    if schedule.min_steps > 0:  # the epoch length train_in_phases gives this phase (small data sets)
-        added = max(epochs - schedule.frozen_epochs, 1)
-        steps_per_epoch = max(steps_per_epoch, -(-schedule.min_steps // added))
-    return train(model, train_data, val_data, label_rank, run_dir, steps_per_epoch, epochs=epochs,
-                 optimization=optimization, checkpointing=checkpointing, initial_epoch=initial_epoch)
 
 
 def _report_truncation(split, max_length, from_files):

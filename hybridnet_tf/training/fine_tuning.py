@@ -12,6 +12,7 @@ The two phases are two `fit` calls with their own optimizers, so each has
 its own `BackupAndRestore` folder; the weights at the end of the frozen
 phase are kept in `run_dir/frozen_phase.weights.h5` until the run ends, so a
 run killed during fine-tuning resumes without redoing the frozen phase.
+`continue_training` lengthens a finished run in the setting of its last phase.
 """
 
 import dataclasses
@@ -219,6 +220,30 @@ def train_in_phases(
     if os.path.isfile(marker) and distribution.is_chief(model.distribute_strategy):
         os.remove(marker)
     return history
+
+
+def continue_training(model, train_data, val_data, label_rank, run_dir, steps_per_epoch, epochs,
+                      optimization, checkpointing, schedule, initial_epoch):
+    """Trains a finished run on from epoch `initial_epoch` to `epochs`, from the weights in `model`.
+
+    The trainable part and learning rate are those of the run's last phase
+    (fine-tuning after a frozen phase: `schedule.unfreeze_blocks` at the
+    learning rate times `schedule.learning_rate_factor`); the schedule
+    (warmup, cosine decay) and the optimizer state start afresh for the
+    added epochs. `best.keras` is replaced only by an epoch better than the
+    run's earlier best. The arguments are those of `train_in_phases`.
+    """
+    if schedule.frozen_epochs > 0:
+        set_backbone_trainable(model, schedule.unfreeze_blocks, schedule.freeze_batch_norm)
+        optimization = fine_tuning_optimization(optimization, schedule)
+        checkpointing = dataclasses.replace(checkpointing, backup_name=FINE_TUNING_BACKUP)
+    elif schedule.unfreeze_blocks != -1:
+        set_backbone_trainable(model, schedule.unfreeze_blocks, schedule.freeze_batch_norm)
+    if schedule.min_steps > 0:  # the epoch length train_in_phases gives this phase (small data sets)
+        added = max(epochs - schedule.frozen_epochs, 1)
+        steps_per_epoch = max(steps_per_epoch, -(-schedule.min_steps // added))
+    return train(model, train_data, val_data, label_rank, run_dir, steps_per_epoch, epochs=epochs,
+                 optimization=optimization, checkpointing=checkpointing, initial_epoch=initial_epoch)
 
 
 def fine_tuning_optimization(optimization, schedule):
