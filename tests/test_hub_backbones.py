@@ -271,3 +271,29 @@ def test_a_hub_cnn_keeps_its_feature_map_and_blocks(tmp_path):
     images = _images()
     np.testing.assert_allclose(backbone(images).numpy(), resnet(images / 255.0).numpy(), atol=1e-5)
     assert backbone_blocks(backbone) == ["stack0_block0", "stack1_block0", "stack1_block1"]
+
+
+def test_a_hub_cnn_folds_its_batch_norm_for_inference(tmp_path):
+    from hybridnet_tf.export.fold_batch_norm import fold_batch_norm
+
+    keras.utils.set_random_seed(0)
+    resnet = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 16],
+        stackwise_num_blocks=[1, 2], stackwise_num_strides=[1, 2], block_type="basic_block",
+        use_pre_activation=False, image_shape=(SIZE, SIZE, 3),
+    )
+    rng = np.random.default_rng(0)
+    for layer in resnet._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):  # statistics away from the defaults
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(size=n))
+            layer.moving_variance.assign(rng.uniform(0.3, 3.0, size=n))
+    preset = str(tmp_path / "resnet")
+    resnet.save_to_preset(preset)
+    keras_hub.layers.ResNetImageConverter(image_size=(SIZE, SIZE), scale=1.0 / 255.0).save_to_preset(preset)
+    model = _model(preset)
+    folded, count = fold_batch_norm(model)
+    assert count == sum(isinstance(l, keras.layers.BatchNormalization) for l in model._flatten_layers()) > 0
+    images = _images()
+    want, got = model(images, training=False), folded(images, training=False)
+    np.testing.assert_allclose(got["scores"].numpy(), want["scores"].numpy(), atol=1e-5)
