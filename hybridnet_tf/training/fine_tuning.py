@@ -206,7 +206,7 @@ def train_in_phases(
             os.replace(tmp, marker)
     count = set_backbone_trainable(model, schedule.unfreeze_blocks, schedule.freeze_batch_norm)
     which = "all blocks" if schedule.unfreeze_blocks == -1 else f"the top {schedule.unfreeze_blocks} block(s)"
-    fine_tuning = fine_tuning_optimization(optimization, schedule)
+    fine_tuning, fine_tuning_checkpoints = _fine_tuning_settings(optimization, checkpointing, schedule)
     print(f"phase 2: fine-tuning {which} of the backbone ({count:,} weights) "
           f"at learning rate {fine_tuning.learning_rate:g}")
     history = train(
@@ -215,7 +215,7 @@ def train_in_phases(
         initial_epoch=frozen_epochs,
         optimization=fine_tuning,
         steps_per_epoch=_lengthened(steps_per_epoch, epochs - frozen_epochs, schedule.min_steps),
-        **{**common, "checkpointing": dataclasses.replace(checkpointing, backup_name=FINE_TUNING_BACKUP)},
+        **{**common, "checkpointing": fine_tuning_checkpoints},
     )
     if os.path.isfile(marker) and distribution.is_chief(model.distribute_strategy):
         os.remove(marker)
@@ -235,21 +235,21 @@ def continue_training(model, train_data, val_data, label_rank, run_dir, steps_pe
     """
     if schedule.frozen_epochs > 0:
         set_backbone_trainable(model, schedule.unfreeze_blocks, schedule.freeze_batch_norm)
-        optimization = fine_tuning_optimization(optimization, schedule)
-        checkpointing = dataclasses.replace(checkpointing, backup_name=FINE_TUNING_BACKUP)
+        optimization, checkpointing = _fine_tuning_settings(optimization, checkpointing, schedule)
     elif schedule.unfreeze_blocks != -1:
         set_backbone_trainable(model, schedule.unfreeze_blocks, schedule.freeze_batch_norm)
-    if schedule.min_steps > 0:  # the epoch length train_in_phases gives this phase (small data sets)
-        added = max(epochs - schedule.frozen_epochs, 1)
-        steps_per_epoch = max(steps_per_epoch, -(-schedule.min_steps // added))
+    # The epoch length train_in_phases gives this phase (small data sets).
+    steps_per_epoch = _lengthened(steps_per_epoch, epochs - schedule.frozen_epochs, schedule.min_steps)
     return train(model, train_data, val_data, label_rank, run_dir, steps_per_epoch, epochs=epochs,
                  optimization=optimization, checkpointing=checkpointing, initial_epoch=initial_epoch)
 
 
-def fine_tuning_optimization(optimization, schedule):
-    """The optimization of the phase after a frozen one: the learning rate times the schedule's factor."""
-    return dataclasses.replace(
-        optimization, learning_rate=optimization.learning_rate * schedule.learning_rate_factor
+def _fine_tuning_settings(optimization, checkpointing, schedule):
+    """The settings of the phase after a frozen one: the learning rate times the schedule's factor,
+    and a backup folder of its own (its optimizer differs)."""
+    return (
+        dataclasses.replace(optimization, learning_rate=optimization.learning_rate * schedule.learning_rate_factor),
+        dataclasses.replace(checkpointing, backup_name=FINE_TUNING_BACKUP),
     )
 
 
@@ -261,8 +261,9 @@ def _frozen_phase(model, epochs, steps_per_epoch, optimization, schedule, common
         print(f"phase 1: backbone frozen for {epochs} epoch(s) of {steps} steps")
         return train(model, epochs=epochs, optimization=optimization, steps_per_epoch=steps, **common)
     from hybridnet_tf.training.feature_cache import extract_features
-    from hybridnet_tf.training.head_phase import train_heads_on_features
+    from hybridnet_tf.training.head_phase import cached_batch_size, train_heads_on_features
 
+    batch_size = cached_batch_size(optimization)  # before minutes of feature extraction
     start = time.perf_counter()
     train_features = extract_features(model, feature_cache.train, flip_views=feature_cache.flip_views)
     val_features = None
@@ -290,9 +291,6 @@ def _frozen_phase(model, epochs, steps_per_epoch, optimization, schedule, common
         if score_mix is not None and score_mix.sigmoid_weight == 1.0 and checkpointing.monitor == "val_mAP":
             # The scores are the fixed probe's: pick the decoder's epoch by its label sets.
             checkpointing = dataclasses.replace(checkpointing, monitor="val_decoded_OF1")
-    batch_size = optimization.batch_size
-    if not batch_size:
-        raise ValueError("a frozen phase on cached features needs optimization.batch_size")
     steps = _lengthened(math.ceil(len(train_features) / batch_size), epochs, schedule.frozen_steps)
     print(f"phase 1: heads on cached features for {epochs} epoch(s) of {steps} steps; "
           f"best epoch by {checkpointing.monitor}")

@@ -40,6 +40,13 @@ class _SaveAtTrainEnd(keras.callbacks.Callback):
         save_model_atomically(self.inference_model, self.path)
 
 
+def cached_batch_size(optimization):
+    """`optimization.batch_size`, which training on cached features needs (an error without it)."""
+    if not optimization.batch_size:
+        raise ValueError("training on cached features needs optimization.batch_size")
+    return optimization.batch_size
+
+
 def train_heads_on_features(
     model,
     train_features,
@@ -77,9 +84,7 @@ def train_heads_on_features(
         The `keras.callbacks.History` of the fit.
     """
     checkpointing = checkpointing or Checkpointing()
-    batch_size = optimization.batch_size
-    if not batch_size:
-        raise ValueError("training on cached features needs optimization.batch_size")
+    batch_size = cached_batch_size(optimization)
     monitor = checkpointing.monitor
     training_model = compile_training_model(
         model,
