@@ -57,7 +57,7 @@ def fold_batch_norm(model):
         `(folded_model, count)`: the copy (same inputs, outputs and layer
         names) and the number of BatchNormalization layers folded.
     """
-    if not isinstance(model, keras.Model) or not hasattr(model, "_run_through_graph"):
+    if not _is_functional(model):
         return model, 0
     folds = {}  # id(conv) -> its BatchNormalization
     for functional in _functional_models(model):
@@ -82,11 +82,16 @@ def fold_batch_norm(model):
     return folded, len(folds)
 
 
+def _is_functional(layer):
+    """A Keras functional graph (what `clone_model` rebuilds layer by layer)."""
+    return isinstance(layer, keras.Model) and hasattr(layer, "_run_through_graph")
+
+
 def _functional_models(model):
     """`model` and every functional model nested in it."""
     found = [model]
     for layer in model.layers:
-        if isinstance(layer, keras.Model) and hasattr(layer, "_run_through_graph"):
+        if _is_functional(layer):
             found += _functional_models(layer)
     return found
 
@@ -117,7 +122,7 @@ def _copy_weights(source, target, folds):
         if not layer.weights:
             continue  # (input layers get new names in a clone)
         twin = target.get_layer(layer.name)
-        if isinstance(layer, keras.Model) and hasattr(layer, "_run_through_graph"):
+        if _is_functional(layer):
             _copy_weights(layer, twin, folds)
         elif id(layer) in folds:
             twin.set_weights(_folded_weights(layer, folds[id(layer)]))
