@@ -116,11 +116,41 @@ def test_every_head_answers_in_the_same_format_and_mixes_scores():
     hybrid = _model("hybrid_random_beam")
     features = hybrid.get_layer("image_encoder")(images)
     sigmoid = tf.sigmoid(hybrid.get_layer(SIGMOID_HEAD)(features))
-    decoded = hybrid.get_layer(LABEL_DECODER)(features)
+    # The hybrid decodes with its sigmoid scores as a prior (sigmoid_fusion, 1 by default).
+    decoded = hybrid.get_layer(LABEL_DECODER)(features, label_prior=sigmoid)
     np.testing.assert_allclose(hybrid(images)["scores"], 0.3 * sigmoid + 0.7 * decoded["scores"], atol=1e-6)
     np.testing.assert_array_equal(hybrid(images)["label_ids"], decoded["label_ids"])
     with pytest.raises(ValueError, match="unknown head"):
         build_model(NUM_LABELS, image_size=SIZE, head="softmax")
+
+
+@pytest.mark.parametrize("decoder", ["pooled", "attention"])
+def test_hybrid_decodes_no_label_its_sigmoid_head_rules_out(decoder):
+    images = _images(count=16, seed=3)
+    fused = build_model(NUM_LABELS, image_size=SIZE, head="hybrid", max_length=4, embedding_dim=8,
+                        gru_units=16, decoder=decoder)
+    # END made unlikely, so the plain decoder emits 3 labels per image, every label somewhere.
+    label_decoder = fused.get_layer(LABEL_DECODER)
+    bias = label_decoder.output_bias.numpy()
+    bias[NUM_LABELS] = -20.0
+    label_decoder.output_bias.assign(bias)
+    plain = build_model(NUM_LABELS, image_size=SIZE, head="hybrid", max_length=4, embedding_dim=8,
+                        gru_units=16, decoder=decoder, sigmoid_fusion=0.0)
+    plain.set_weights(fused.get_weights())
+    assert label_decoder.prior_weight == 1.0 and plain.get_layer(LABEL_DECODER).prior_weight == 0.0
+    head = fused.get_layer(SIGMOID_HEAD)
+    kernel, _ = head.get_weights()
+    # A sigmoid head sure of every label (p ~ 1, log p ~ 0) leaves the decode as it was.
+    head.set_weights([np.zeros_like(kernel), np.full(NUM_LABELS, 20.0, np.float32)])
+    plain.set_weights(fused.get_weights())
+    np.testing.assert_array_equal(fused(images)["label_ids"], plain(images)["label_ids"].numpy())
+    # Now it says label 0 is absent (p ~ 1e-9) and the others present: the fused
+    # decode drops label 0 and emits the other three; the plain one still emits it.
+    head.set_weights([np.zeros_like(kernel), np.array([-20.0] + [20.0] * (NUM_LABELS - 1), np.float32)])
+    plain.set_weights(fused.get_weights())
+    fused_ids, plain_ids = fused(images)["label_ids"].numpy(), plain(images)["label_ids"].numpy()
+    assert 0 in plain_ids and 0 not in fused_ids
+    assert (fused(images)["num_labels"].numpy() == 3).all()  # 1, 2, 3 in some order: END stays unlikely
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -204,7 +234,7 @@ def test_config_keys_reach_build_model():
     from hybridnet_tf.model.label_sequences import LABEL_ORDERS
     from hybridnet_tf.model.losses import SIGMOID_LOSSES
 
-    keys = ("head", "label_order", "beam_width", "min_label_score", "score_mix", "aux_loss_weight",
+    keys = ("head", "label_order", "beam_width", "min_label_score", "score_mix", "sigmoid_fusion", "aux_loss_weight",
             "sigmoid_loss", "asl_gamma_neg", "asl_gamma_pos", "asl_clip")
     parameters = inspect.signature(build_model).parameters
     for key in keys:

@@ -26,11 +26,12 @@ def _tiny_decoder(max_length=3, seed=0, **kwargs):
     return decoder, features
 
 
-def _next_probs(decoder, image_features, prefix):
+def _next_probs(decoder, image_features, prefix, log_prior=None):
     """Softmax over labels + END after `prefix`, computed step by step in Python.
 
     Calls `decoder.gru.cell` one step at a time (eagerly) and does the joint
-    embedding scoring and the no-repeat mask in NumPy.
+    embedding scoring and the no-repeat mask in NumPy. `log_prior` [L] is
+    added to the label logits (the decoder's `label_prior` term).
     """
     embeddings = decoder.label_embedding.embeddings.numpy()
     joint_kernel, joint_bias = (w.numpy() for w in decoder.to_joint_space.weights)
@@ -44,16 +45,18 @@ def _next_probs(decoder, image_features, prefix):
         output, state = decoder.gru.cell(tf.constant(step_input), state)
     joint = np.maximum(np.concatenate([output.numpy(), image_step], -1) @ joint_kernel + joint_bias, 0)
     logits = (joint @ embeddings[: NUM_LABELS + 1].T + bias)[0].astype(np.float64)
+    if log_prior is not None:
+        logits[:NUM_LABELS] += log_prior
     for label in prefix:
         logits[label] += MASKED
     logits -= logits.max()
     return np.exp(logits) / np.exp(logits).sum()
 
 
-def _reference_greedy(decoder, image_features, min_label_score=0.0):
+def _reference_greedy(decoder, image_features, min_label_score=0.0, log_prior=None):
     prefix, scores = [], np.zeros(NUM_LABELS)
     for step in range(decoder.max_length):
-        probs = _next_probs(decoder, image_features, prefix)
+        probs = _next_probs(decoder, image_features, prefix, log_prior)
         scores = np.maximum(scores, probs[:NUM_LABELS])
         if step == decoder.max_length - 1:
             break  # the last step can only be END
@@ -95,7 +98,7 @@ def _all_sequences(max_length):
             yield list(labels) + [END]
 
 
-def _brute_force(decoder, image_features, min_label_score=0.0):
+def _brute_force(decoder, image_features, min_label_score=0.0, log_prior=None):
     """Best sequence by total log-probability, and each label's max prob over open prefixes."""
     best, best_log_prob = None, -np.inf
     scores = np.zeros(NUM_LABELS)
@@ -105,7 +108,7 @@ def _brute_force(decoder, image_features, min_label_score=0.0):
         for step, token in enumerate(sequence):
             prefix = tuple(sequence[:step])
             if prefix not in cache:
-                cache[prefix] = _next_probs(decoder, image_features, list(prefix))
+                cache[prefix] = _next_probs(decoder, image_features, list(prefix), log_prior)
             probs = cache[prefix]
             if token < NUM_LABELS and probs[token] < min_label_score:
                 legal = False
@@ -132,6 +135,53 @@ def test_wide_beam_equals_brute_force_enumeration(min_label_score):
     else:  # the rule changes some results on this data
         unrestricted, _ = _tiny_decoder(max_length=3, beam_width=48)
         assert np.any(out["label_ids"].numpy() != unrestricted(features)["label_ids"].numpy())
+
+
+def _label_prior(seed, rows=12):
+    """Per-image label probabilities in (0, 1), some near 0 and some near 1."""
+    return tf.sigmoid(tf.random.stateless_normal((rows, NUM_LABELS), seed=[seed, 2]) * 3.0)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_greedy_with_a_label_prior_decodes_the_product_of_the_two(weight):
+    decoder, features = _tiny_decoder(max_length=4, seed=7, prior_weight=weight)
+    prior = _label_prior(7)
+    out = decoder(features, label_prior=prior)
+    log_prior = weight * np.log(prior.numpy().astype(np.float64))
+    for row in range(features.shape[0]):
+        labels, scores = _reference_greedy(decoder, features[row].numpy(), log_prior=log_prior[row])
+        assert out["label_ids"][row].numpy().tolist() == _padded(labels, 4)
+        np.testing.assert_allclose(out["scores"][row].numpy(), scores, atol=1e-5)
+    # The prior changes decodes of this data; without it (or at weight 0) the decode is the plain one.
+    plain = decoder(features)["label_ids"].numpy()
+    assert np.any(out["label_ids"].numpy() != plain)
+    off, _ = _tiny_decoder(max_length=4, seed=7, prior_weight=0.0)
+    np.testing.assert_array_equal(off(features, label_prior=prior)["label_ids"], plain)
+
+
+def test_a_label_the_prior_rules_out_is_never_decoded():
+    decoder, features = _tiny_decoder(max_length=4, seed=8, prior_weight=1.0)
+    plain = decoder(features)["label_ids"].numpy()
+    label = int(np.bincount(plain[plain >= 0], minlength=NUM_LABELS).argmax())
+    prior = np.full((features.shape[0], NUM_LABELS), 0.9, np.float32)
+    prior[:, label] = 1e-8
+    for beam_width in (1, 3):
+        decoder.beam_width = beam_width
+        ids = decoder(features, label_prior=tf.constant(prior))["label_ids"].numpy()
+        assert label not in ids
+    assert label in plain
+
+
+def test_wide_beam_with_a_label_prior_equals_brute_force_enumeration():
+    decoder, features = _tiny_decoder(max_length=3, seed=9, beam_width=48, prior_weight=1.0)
+    prior = _label_prior(9)
+    out = decoder(features, label_prior=prior)
+    log_prior = np.log(prior.numpy().astype(np.float64))
+    for row in range(features.shape[0]):
+        best, scores = _brute_force(decoder, features[row].numpy(), log_prior=log_prior[row])
+        assert out["label_ids"][row].numpy().tolist() == _padded(best, 3)
+        np.testing.assert_allclose(out["scores"][row].numpy(), scores, atol=1e-5)
+    assert np.any(out["label_ids"].numpy() != decoder(features)["label_ids"].numpy())
 
 
 def _reference_beam(decoder, image_features, width):
@@ -205,10 +255,13 @@ def test_self_fed_run_without_dropout_is_the_greedy_decode():
 
 def test_config_round_trip_and_argument_checks():
     decoder = LabelDecoder(5, 4, embedding_dim=6, units=8, beam_width=3, min_label_score=0.1,
-                           label_order="orderless")
+                           label_order="orderless", prior_weight=0.5)
     clone = LabelDecoder.from_config(decoder.get_config())
     assert clone.get_config() == decoder.get_config()
     assert (clone.beam_width, clone.min_label_score, clone.label_order) == (3, 0.1, "orderless")
+    assert clone.prior_weight == 0.5
+    with pytest.raises(ValueError, match="prior_weight"):
+        LabelDecoder(5, 4, prior_weight=-1.0)
     with pytest.raises(ValueError, match="beam_width"):
         LabelDecoder(5, 4, beam_width=0)
     with pytest.raises(ValueError, match="min_label_score"):

@@ -116,13 +116,13 @@ class AttentionLabelDecoder(LabelDecoder):
         logits, state, _ = self._attention_step(token, state, context, training)
         return logits, state
 
-    def call(self, inputs, training=None, self_fed=False, attention_for=None):
+    def call(self, inputs, training=None, self_fed=False, label_prior=None, attention_for=None):
         """`LabelDecoder.call`; with `attention_for=label_ids`, `attention_maps(inputs, label_ids)`."""
         if attention_for is not None:
             return self.attention_maps(inputs, attention_for)
-        return super().call(inputs, training=training, self_fed=self_fed)
+        return super().call(inputs, training=training, self_fed=self_fed, label_prior=label_prior)
 
-    def compute_output_spec(self, inputs, training=None, self_fed=False, attention_for=None):
+    def compute_output_spec(self, inputs, training=None, self_fed=False, label_prior=None, attention_for=None):
         if attention_for is not None:
             return keras.KerasTensor(
                 (inputs.shape[0], self.max_length, inputs.shape[1], inputs.shape[2]), dtype=self.compute_dtype

@@ -5,7 +5,8 @@ Heads (`head=`):
 - `hybrid` (default): the decoder plus a sigmoid head on the same image
   feature, trained jointly; scores are `score_mix * sigmoid + (1 - score_mix)
   * decoder` (score_mix 1 by default: the sigmoid head ranks, the decoder
-  gives the label set).
+  gives the label set); the decoding weighs each next label by the sigmoid
+  head's probability as well (`sigmoid_fusion`).
 - `hybrid_rnn`: the GRU label decoder of the CNN-RNN (Wang et al.,
   CVPR 2016); scores and label set come from decoding.
 - `bce`: a sigmoid per label on the image feature, trained with binary
@@ -82,6 +83,7 @@ def build_model(
     label_threshold=0.5,
     pla_rule="paper",
     hub_preset=None,
+    sigmoid_fusion=1.0,
 ):
     """Builds the HybridNet inference model.
 
@@ -109,6 +111,11 @@ def build_model(
             the decoder's; on real photos the decoder's scores rank worse).
         aux_loss_weight: `hybrid` head: weight of the sigmoid loss beside
             the sequence loss.
+        sigmoid_fusion: `hybrid` head: when decoding, each step's label
+            logits get `sigmoid_fusion * log(sigmoid score)` added (the
+            decoder's `prior_weight`): the label set is decoded from the
+            product of the decoder's next-label probabilities and the
+            sigmoid head's per-label ones. 0 decodes with the decoder alone.
         sigmoid_loss: "bce" or "asl", the loss of the sigmoid head
             (`bce` and `hybrid` heads).
         asl_gamma_neg, asl_gamma_pos, asl_clip: ASL parameters (see
@@ -183,6 +190,7 @@ def build_model(
             min_label_score=min_label_score,
             label_order=label_order,
             pla_rule=pla_rule,
+            prior_weight=sigmoid_fusion if head == "hybrid" else 0.0,
             # Probabilities and the GRU stay float32 under mixed precision.
             dtype="float32",
             name=LABEL_DECODER,
@@ -222,11 +230,17 @@ def _head_outputs(encoded, layers):
     """Wires the head layers of `build_model` on the encoder's output: the inference outputs dict."""
     features, decoder_input = _split_encoded(encoded)
     outputs = {}
-    if LABEL_DECODER in layers:
-        decoded = layers[LABEL_DECODER](decoder_input)
-        outputs = {key: decoded[key] for key in ("scores", "label_ids", "num_labels")}
+    sigmoid_scores = None
     if SIGMOID_HEAD in layers:
         sigmoid_scores = layers["sigmoid"](layers[SIGMOID_HEAD](features))
+    if LABEL_DECODER in layers:
+        decoder = layers[LABEL_DECODER]
+        if sigmoid_scores is not None and decoder.prior_weight > 0:
+            decoded = decoder(decoder_input, label_prior=sigmoid_scores)
+        else:
+            decoded = decoder(decoder_input)
+        outputs = {key: decoded[key] for key in ("scores", "label_ids", "num_labels")}
+    if sigmoid_scores is not None:
         if "labels_above_half" in layers:
             outputs = {"scores": sigmoid_scores, **layers["labels_above_half"](sigmoid_scores)}
         else:

@@ -35,7 +35,10 @@ class LabelDecoder(keras.layers.Layer):
       token fed to step `t + 1`. Used to train with predicted label
       alignment (`label_order="orderless"`, see `label_sequences`).
     - `decoder(image_features)`: decodes inside the graph, greedily when
-      `beam_width == 1`, else with `beam_search.beam_search`. The loop over
+      `beam_width == 1`, else with `beam_search.beam_search`. With
+      `label_prior=p` ([B, L] probabilities, e.g. the `hybrid` head's
+      sigmoid scores) and `prior_weight > 0`, every decoding step adds
+      `prior_weight * log(p)` to the label logits (see `prior_weight`). The loop over
       `max_length` steps is unrolled when traced, with a `GRUCell` and no
       TensorArray, so it exports to SavedModel and to builtins-only TFLite.
       It returns a dict: `scores` [B, L] (each label's highest probability
@@ -61,6 +64,12 @@ class LabelDecoder(keras.layers.Layer):
         pla_rule: with `label_order="orderless"`, the alignment rule of the
             loss: "paper" (Yazici et al.) or "sorted" (see
             `losses.OrderlessSequenceLoss`). Decoding ignores it.
+        prior_weight: weight of `log(label_prior)` in the label logits of
+            every decoding step when a `label_prior` is passed (a product of
+            experts: the decoder's next-label softmax times the per-label
+            probabilities, raised to this power; END is left alone, so labels
+            the prior finds unlikely lose to END). 0 turns it off. Training
+            (teacher forcing, self-fed runs) never sees the prior.
 
     Example:
         >>> decoder = LabelDecoder(num_labels=5, max_length=4)
@@ -81,9 +90,12 @@ class LabelDecoder(keras.layers.Layer):
         min_label_score=0.0,
         label_order="freq2rare",
         pla_rule="paper",
+        prior_weight=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if prior_weight < 0:
+            raise ValueError(f"prior_weight must be >= 0 (0 is off), got {prior_weight}")
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         if max_length < 2:
@@ -108,6 +120,7 @@ class LabelDecoder(keras.layers.Layer):
         if pla_rule not in ("paper", "sorted"):
             raise ValueError(f"unknown pla_rule {pla_rule!r}; choose 'paper' or 'sorted'")
         self.pla_rule = pla_rule
+        self.prior_weight = prior_weight
         # L labels + END + START; START is never scored.
         self.label_embedding = keras.layers.Embedding(
             num_labels + 2, embedding_dim, name="label_embedding", dtype=self.dtype_policy
@@ -152,15 +165,29 @@ class LabelDecoder(keras.layers.Layer):
             self.output_bias, joint.dtype
         )
 
-    def call(self, inputs, training=None, self_fed=False):
+    def call(self, inputs, training=None, self_fed=False, label_prior=None):
         if isinstance(inputs, (list, tuple)):
             image_features, decoder_inputs = inputs
             return self.teacher_forcing_logits(image_features, decoder_inputs, training)
         if self_fed:
             return self.self_fed_logits(inputs, training)
         if self.beam_width == 1:
-            return self.greedy_decode(inputs)
-        return self.beam_decode(inputs)
+            return self.greedy_decode(inputs, label_prior)
+        return self.beam_decode(inputs, label_prior)
+
+    def _log_prior(self, label_prior):
+        """[B, L+1] term added to every decoding step's logits (END: 0), or None when off."""
+        if label_prior is None or self.prior_weight == 0:
+            return None
+        # The floor keeps log finite; 1e-6 is far below any label worth emitting.
+        log_prior = self.prior_weight * tf.math.log(tf.maximum(tf.cast(label_prior, tf.float32), 1e-6))
+        return tf.concat([log_prior, tf.zeros_like(log_prior[:, :1])], axis=-1)
+
+    def _step_with_prior(self, token, state, context):
+        """`_step` on a `(context, log_prior)` pair: the logits plus the prior term."""
+        step_context, log_prior = context
+        logits, state = self._step(token, state, step_context)
+        return logits + log_prior, state
 
     def _image_context(self, image_features):
         """The decoder's view of the image: (GRU state before the first step, per-step context).
@@ -219,14 +246,17 @@ class LabelDecoder(keras.layers.Layer):
         finished = tf.logical_or(finished, token >= end_id(self.num_labels))
         return is_label, emitted, finished
 
-    def greedy_decode(self, image_features):
+    def greedy_decode(self, image_features, label_prior=None):
         """Greedy decoding without repeats; see the class docstring for outputs."""
         num_labels = self.num_labels
         state, context, token, finished, emitted, no_end_mask = self._start_decoding(image_features)
+        log_prior = self._log_prior(label_prior)
         scores = tf.zeros_like(emitted)
         label_ids = []
         for index in range(self.max_length):  # static length: unrolled into the graph
             logits, state = self._step(token, state, context)
+            if log_prior is not None:
+                logits = logits + log_prior
             # A label already emitted cannot be emitted again.
             repeat_mask = tf.concat([emitted, no_end_mask], axis=-1)
             logits = logits + _MASKED_LOGIT * repeat_mask
@@ -251,11 +281,16 @@ class LabelDecoder(keras.layers.Layer):
             "num_labels": tf.cast(tf.reduce_sum(emitted, axis=-1), tf.int32),
         }
 
-    def beam_decode(self, image_features):
+    def beam_decode(self, image_features, label_prior=None):
         """Beam search of width `beam_width`; see `beam_search` for the rules."""
         state, context = self._image_context(image_features)
+        step = self._step
+        log_prior = self._log_prior(label_prior)
+        if log_prior is not None:
+            # The prior rides in the context, so beam search tiles it per beam.
+            step, context = self._step_with_prior, (context, log_prior)
         return beam_search(
-            self._step,
+            step,
             state,
             context,
             num_labels=self.num_labels,
@@ -286,7 +321,7 @@ class LabelDecoder(keras.layers.Layer):
             _, emitted, finished = self._emit(token, emitted, finished)
         return tf.stack(all_logits, axis=1)
 
-    def compute_output_spec(self, inputs, training=None, self_fed=False):
+    def compute_output_spec(self, inputs, training=None, self_fed=False, label_prior=None):
         if isinstance(inputs, (list, tuple)):
             features, decoder_inputs = inputs
             return keras.KerasTensor(
@@ -318,6 +353,7 @@ class LabelDecoder(keras.layers.Layer):
                 "min_label_score": self.min_label_score,
                 "label_order": self.label_order,
                 "pla_rule": self.pla_rule,
+                "prior_weight": self.prior_weight,
             }
         )
         return config
