@@ -93,8 +93,9 @@ DEFAULTS = {
         # hybrid head: scores = score_mix * sigmoid + (1 - score_mix) * decoder
         "score_mix": 1.0,
         # hybrid head: weight of log(sigmoid score) in the decoder's label
-        # logits when decoding (0: the decoder alone picks the label set)
-        "sigmoid_fusion": 1.0,
+        # logits when decoding (0: the decoder alone picks the label set;
+        # docs/decoder.md has what 1 gave on coco128 and on the demo)
+        "sigmoid_fusion": 0.0,
         "aux_loss_weight": 1.0,
         # loss of the sigmoid head (bce, hybrid): bce | asl (Ridnik et al. 2021)
         "sigmoid_loss": "bce",

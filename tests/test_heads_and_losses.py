@@ -113,10 +113,10 @@ def test_every_head_answers_in_the_same_format_and_mixes_scores():
             "num_labels": ((4,), tf.int32),
         }
         assert model_head(model) == VARIANTS[name][0]
-    hybrid = _model("hybrid_random_beam")
+    hybrid = _model("hybrid_random_beam", sigmoid_fusion=1.0)
     features = hybrid.get_layer("image_encoder")(images)
     sigmoid = tf.sigmoid(hybrid.get_layer(SIGMOID_HEAD)(features))
-    # The hybrid decodes with its sigmoid scores as a prior (sigmoid_fusion, 1 by default).
+    # With sigmoid_fusion the hybrid decodes with its sigmoid scores as a prior.
     decoded = hybrid.get_layer(LABEL_DECODER)(features, label_prior=sigmoid)
     np.testing.assert_allclose(hybrid(images)["scores"], 0.3 * sigmoid + 0.7 * decoded["scores"], atol=1e-6)
     np.testing.assert_array_equal(hybrid(images)["label_ids"], decoded["label_ids"])
@@ -128,14 +128,14 @@ def test_every_head_answers_in_the_same_format_and_mixes_scores():
 def test_hybrid_decodes_no_label_its_sigmoid_head_rules_out(decoder):
     images = _images(count=16, seed=3)
     fused = build_model(NUM_LABELS, image_size=SIZE, head="hybrid", max_length=4, embedding_dim=8,
-                        gru_units=16, decoder=decoder)
+                        gru_units=16, decoder=decoder, sigmoid_fusion=1.0)
     # END made unlikely, so the plain decoder emits 3 labels per image, every label somewhere.
     label_decoder = fused.get_layer(LABEL_DECODER)
     bias = label_decoder.output_bias.numpy()
     bias[NUM_LABELS] = -20.0
     label_decoder.output_bias.assign(bias)
     plain = build_model(NUM_LABELS, image_size=SIZE, head="hybrid", max_length=4, embedding_dim=8,
-                        gru_units=16, decoder=decoder, sigmoid_fusion=0.0)
+                        gru_units=16, decoder=decoder)
     plain.set_weights(fused.get_weights())
     assert label_decoder.prior_weight == 1.0 and plain.get_layer(LABEL_DECODER).prior_weight == 0.0
     head = fused.get_layer(SIGMOID_HEAD)

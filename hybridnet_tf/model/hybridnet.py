@@ -5,8 +5,8 @@ Heads (`head=`):
 - `hybrid` (default): the decoder plus a sigmoid head on the same image
   feature, trained jointly; scores are `score_mix * sigmoid + (1 - score_mix)
   * decoder` (score_mix 1 by default: the sigmoid head ranks, the decoder
-  gives the label set); the decoding weighs each next label by the sigmoid
-  head's probability as well (`sigmoid_fusion`).
+  gives the label set); with `sigmoid_fusion > 0` the decoding also weighs
+  each next label by the sigmoid head's probability.
 - `hybrid_rnn`: the GRU label decoder of the CNN-RNN (Wang et al.,
   CVPR 2016); scores and label set come from decoding.
 - `bce`: a sigmoid per label on the image feature, trained with binary
@@ -83,7 +83,7 @@ def build_model(
     label_threshold=0.5,
     pla_rule="paper",
     hub_preset=None,
-    sigmoid_fusion=1.0,
+    sigmoid_fusion=0.0,
 ):
     """Builds the HybridNet inference model.
 
@@ -115,7 +115,10 @@ def build_model(
             logits get `sigmoid_fusion * log(sigmoid score)` added (the
             decoder's `prior_weight`): the label set is decoded from the
             product of the decoder's next-label probabilities and the
-            sigmoid head's per-label ones. 0 decodes with the decoder alone.
+            sigmoid head's per-label ones. 0 (default) decodes with the
+            decoder alone. The factor is at most 1, so it only ever favours
+            END: it prunes a decoder that emits too much and empties the
+            sets of one that emits too little (docs/decoder.md).
         sigmoid_loss: "bce" or "asl", the loss of the sigmoid head
             (`bce` and `hybrid` heads).
         asl_gamma_neg, asl_gamma_pos, asl_clip: ASL parameters (see
