@@ -192,11 +192,12 @@ def test_jit_compiled_fit_step_of_each_head(name):
 
 
 @pytest.mark.slow
-def test_beam_search_model_exports_to_savedmodel_and_builtins_only_tflite(tmp_path):
+@pytest.mark.parametrize("sigmoid_fusion", [0.0, 1.0])
+def test_beam_search_model_exports_to_savedmodel_and_builtins_only_tflite(tmp_path, sigmoid_fusion):
     from ai_edge_litert.interpreter import Interpreter
 
     model = build_model(5, image_size=SIZE, max_length=4, embedding_dim=8, gru_units=16,
-                        beam_width=3, min_label_score=0.05)
+                        beam_width=3, min_label_score=0.05, sigmoid_fusion=sigmoid_fusion)
     decoder = model.get_layer(LABEL_DECODER)
     rng = np.random.default_rng(0)
     # Peaked random decoder weights, so the decoded sets are not all empty.
