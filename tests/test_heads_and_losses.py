@@ -125,7 +125,7 @@ def test_every_head_answers_in_the_same_format_and_mixes_scores():
 
 
 @pytest.mark.parametrize("decoder", ["pooled", "attention"])
-def test_hybrid_decodes_no_label_its_sigmoid_head_rules_out(decoder):
+def test_hybrid_decodes_no_label_its_sigmoid_head_rules_out(decoder, tmp_path):
     images = _images(count=16, seed=3)
     fused = build_model(NUM_LABELS, image_size=SIZE, head="hybrid", max_length=4, embedding_dim=8,
                         gru_units=16, decoder=decoder, sigmoid_fusion=1.0)
@@ -151,6 +151,12 @@ def test_hybrid_decodes_no_label_its_sigmoid_head_rules_out(decoder):
     fused_ids, plain_ids = fused(images)["label_ids"].numpy(), plain(images)["label_ids"].numpy()
     assert 0 in plain_ids and 0 not in fused_ids
     assert (fused(images)["num_labels"].numpy() == 3).all()  # 1, 2, 3 in some order: END stays unlikely
+    # The prior's wiring (a tensor passed by keyword) survives a safe_mode round trip.
+    path = str(tmp_path / "fused.keras")
+    fused.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert loaded.get_layer(LABEL_DECODER).prior_weight == 1.0
+    np.testing.assert_array_equal(loaded(images)["label_ids"], fused_ids)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
