@@ -237,11 +237,8 @@ def _head_outputs(encoded, layers):
     if SIGMOID_HEAD in layers:
         sigmoid_scores = layers["sigmoid"](layers[SIGMOID_HEAD](features))
     if LABEL_DECODER in layers:
-        decoder = layers[LABEL_DECODER]
-        if sigmoid_scores is not None and decoder.prior_weight > 0:
-            decoded = decoder(decoder_input, label_prior=sigmoid_scores)
-        else:
-            decoded = decoder(decoder_input)
+        # The decoder decides whether the prior counts (its prior_weight; None for hybrid_rnn).
+        decoded = layers[LABEL_DECODER](decoder_input, label_prior=sigmoid_scores)
         outputs = {key: decoded[key] for key in ("scores", "label_ids", "num_labels")}
     if sigmoid_scores is not None:
         if "labels_above_half" in layers:

@@ -189,6 +189,17 @@ class LabelDecoder(keras.layers.Layer):
         logits, state = self._step(token, state, step_context)
         return logits + log_prior, state
 
+    def _decoding_step(self, context, label_prior):
+        """(step function, its context) for decoding: `_step`, or with a prior `_step_with_prior`.
+
+        The prior rides in the context, so beam search tiles it per beam
+        like the rest of the context.
+        """
+        log_prior = self._log_prior(label_prior)
+        if log_prior is None:
+            return self._step, context
+        return self._step_with_prior, (context, log_prior)
+
     def _image_context(self, image_features):
         """The decoder's view of the image: (GRU state before the first step, per-step context).
 
@@ -250,13 +261,11 @@ class LabelDecoder(keras.layers.Layer):
         """Greedy decoding without repeats; see the class docstring for outputs."""
         num_labels = self.num_labels
         state, context, token, finished, emitted, no_end_mask = self._start_decoding(image_features)
-        log_prior = self._log_prior(label_prior)
+        step, context = self._decoding_step(context, label_prior)
         scores = tf.zeros_like(emitted)
         label_ids = []
         for index in range(self.max_length):  # static length: unrolled into the graph
-            logits, state = self._step(token, state, context)
-            if log_prior is not None:
-                logits = logits + log_prior
+            logits, state = step(token, state, context)
             # A label already emitted cannot be emitted again.
             repeat_mask = tf.concat([emitted, no_end_mask], axis=-1)
             logits = logits + _MASKED_LOGIT * repeat_mask
@@ -284,11 +293,7 @@ class LabelDecoder(keras.layers.Layer):
     def beam_decode(self, image_features, label_prior=None):
         """Beam search of width `beam_width`; see `beam_search` for the rules."""
         state, context = self._image_context(image_features)
-        step = self._step
-        log_prior = self._log_prior(label_prior)
-        if log_prior is not None:
-            # The prior rides in the context, so beam search tiles it per beam.
-            step, context = self._step_with_prior, (context, log_prior)
+        step, context = self._decoding_step(context, label_prior)
         return beam_search(
             step,
             state,
