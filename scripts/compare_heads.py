@@ -41,6 +41,8 @@ VARIANTS = {
     "hybrid freq2rare": {"head": "hybrid", "label_order": "freq2rare"},
     "hybrid freq2rare + ASL": {"head": "hybrid", "label_order": "freq2rare", "sigmoid_loss": "asl"},
     "hybrid attention": {"head": "hybrid", "label_order": "freq2rare", "decoder": "attention"},
+    "hybrid orderless": {"head": "hybrid", "label_order": "orderless"},
+    "hybrid attention orderless": {"head": "hybrid", "label_order": "orderless", "decoder": "attention"},
 }
 
 
