@@ -80,6 +80,10 @@ DEFAULTS = {
         "label_order": "orderless",
         # label_order orderless: PLA rule of the loss, paper (Yazici et al.) | sorted
         "pla_rule": "paper",
+        # decoder heads' per-label scores: softmax (p) | against_end (p / (p + p_END):
+        # ranks better on coco128 but saturates, so thresholds pick too much;
+        # docs/real_data.md)
+        "label_scores": "softmax",
         # hybrid (GRU decoder for label sets + sigmoid head for scores) | hybrid_rnn
         # (GRU decoder alone) | bce (sigmoid head alone); see hybridnet.py
         "head": "hybrid",
@@ -170,6 +174,7 @@ CHOICES = {
     ("model", "head"): ("hybrid_rnn", "bce", "hybrid"),
     ("model", "decoder"): ("pooled", "attention"),
     ("model", "pla_rule"): ("paper", "sorted"),
+    ("model", "label_scores"): ("softmax", "against_end"),
     ("model", "sigmoid_loss"): ("bce", "asl"),
     ("model", "freeze_batch_norm"): ("auto", True, False),
     ("train", "jit_compile"): ("auto", True, False),

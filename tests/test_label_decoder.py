@@ -18,6 +18,7 @@ MASKED = -1e4
 
 def _tiny_decoder(max_length=3, seed=0, **kwargs):
     """A decoder with random, fairly peaked weights, so decodes differ per image."""
+    kwargs.setdefault("label_scores", "against_end")
     decoder = LabelDecoder(NUM_LABELS, max_length, embedding_dim=6, units=8, dtype="float32", **kwargs)
     features = tf.random.stateless_normal((12, 5), seed=[seed, 1]) * 2.0
     decoder(features)
@@ -53,11 +54,18 @@ def _next_probs(decoder, image_features, prefix, log_prior=None):
     return np.exp(logits) / np.exp(logits).sum()
 
 
+def _step_scores(decoder, probs):
+    """A step's label scores: p(c) / (p(c) + p(END)) (against_end), or p(c) (softmax)."""
+    if decoder.label_scores == "softmax":
+        return probs[:NUM_LABELS]
+    return probs[:NUM_LABELS] / (probs[:NUM_LABELS] + probs[END])
+
+
 def _reference_greedy(decoder, image_features, min_label_score=0.0, log_prior=None):
     prefix, scores = [], np.zeros(NUM_LABELS)
     for step in range(decoder.max_length):
         probs = _next_probs(decoder, image_features, prefix, log_prior)
-        scores = np.maximum(scores, probs[:NUM_LABELS])
+        scores = np.maximum(scores, _step_scores(decoder, probs))
         if step == decoder.max_length - 1:
             break  # the last step can only be END
         choice = probs.copy()
@@ -74,9 +82,10 @@ def _padded(labels, length):
     return labels + [-1] * (length - len(labels))
 
 
+@pytest.mark.parametrize("label_scores", ["against_end", "softmax"])
 @pytest.mark.parametrize("min_label_score", [0.0, 0.4])
-def test_greedy_matches_a_step_by_step_reference(min_label_score):
-    decoder, features = _tiny_decoder(max_length=4, min_label_score=min_label_score)
+def test_greedy_matches_a_step_by_step_reference(min_label_score, label_scores):
+    decoder, features = _tiny_decoder(max_length=4, min_label_score=min_label_score, label_scores=label_scores)
     out = decoder(features)
     lengths = set()
     for row in range(features.shape[0]):
@@ -99,7 +108,7 @@ def _all_sequences(max_length):
 
 
 def _brute_force(decoder, image_features, min_label_score=0.0, log_prior=None):
-    """Best sequence by total log-probability, and each label's max prob over open prefixes."""
+    """Best sequence by total log-probability, and each label's highest score against END over open prefixes."""
     best, best_log_prob = None, -np.inf
     scores = np.zeros(NUM_LABELS)
     cache = {}
@@ -116,7 +125,7 @@ def _brute_force(decoder, image_features, min_label_score=0.0, log_prior=None):
         if legal and log_prob > best_log_prob:
             best, best_log_prob = [t for t in sequence if t < NUM_LABELS], log_prob
     for prefix, probs in cache.items():  # every open prefix is in an exhaustive beam
-        scores = np.maximum(scores, probs[:NUM_LABELS])
+        scores = np.maximum(scores, _step_scores(decoder, probs))
     return best, scores
 
 
@@ -196,7 +205,7 @@ def _reference_beam(decoder, image_features, width):
                 continue
             labels = [t for t in tokens if t < NUM_LABELS]
             probs = _next_probs(decoder, image_features, labels)
-            scores = np.maximum(scores, probs[:NUM_LABELS])
+            scores = np.maximum(scores, _step_scores(decoder, probs))
             for token in range(NUM_LABELS + 1):
                 if token in labels or (step == decoder.max_length - 1 and token != END):
                     continue
@@ -209,9 +218,10 @@ def _reference_beam(decoder, image_features, width):
     return [t for t in beams[0][0] if t < NUM_LABELS], scores
 
 
+@pytest.mark.parametrize("label_scores", ["against_end", "softmax"])
 @pytest.mark.parametrize("width", [2, 3])
-def test_narrow_beam_matches_a_python_reference(width):
-    decoder, features = _tiny_decoder(max_length=4, seed=3, beam_width=width)
+def test_narrow_beam_matches_a_python_reference(width, label_scores):
+    decoder, features = _tiny_decoder(max_length=4, seed=3, beam_width=width, label_scores=label_scores)
     out = decoder(features)
     for row in range(features.shape[0]):
         labels, scores = _reference_beam(decoder, features[row].numpy(), width)
@@ -232,6 +242,7 @@ def test_beam_width_one_is_greedy():
         max_length=4,
         beam_width=1,
         start_token=START,
+        step_scores=decoder._step_scores,
     )
     np.testing.assert_array_equal(beam["label_ids"], greedy["label_ids"])
     np.testing.assert_array_equal(beam["num_labels"], greedy["num_labels"])
@@ -317,3 +328,22 @@ def test_full_length_beams_pay_for_their_end_like_finished_ones():
         start_token=4,
     )
     assert out["label_ids"].numpy().tolist() == [[2, -1, -1]]
+
+
+@pytest.mark.parametrize("beam_width", [1, 3])
+def test_every_decoded_label_scores_above_one_half(beam_width):
+    # A decoded label beat END at the step that emitted it, so its score
+    # p(c) / (p(c) + p(END)) is above 0.5; the softmax probability of a
+    # second or third label usually is not (it shares its mass with the others).
+    decoder, features = _tiny_decoder(max_length=4, seed=5, beam_width=beam_width)
+    out = decoder(features)
+    ids, scores = out["label_ids"].numpy(), out["scores"].numpy()
+    rows, steps = np.nonzero(ids >= 0)
+    assert len(rows) > features.shape[0]  # several labels per image on this data
+    assert np.all(scores[rows, ids[rows, steps]] > 0.5)
+
+
+def test_label_scores_default_to_softmax_and_reject_unknown_names():
+    assert LabelDecoder(4, 3).label_scores == "softmax"
+    with pytest.raises(ValueError, match="label_scores"):
+        LabelDecoder(4, 3, label_scores="max")

@@ -82,6 +82,7 @@ def build_model(
     attention_gate=False,
     label_threshold=0.5,
     pla_rule="paper",
+    label_scores="softmax",
     hub_preset=None,
     sigmoid_fusion=0.0,
 ):
@@ -135,6 +136,8 @@ def build_model(
         attention_units, attention_gate: see `AttentionLabelDecoder`.
         pla_rule: `label_order="orderless"`: "paper" or "sorted" (see
             `losses.OrderlessSequenceLoss`).
+        label_scores: decoder heads: each label's per-step score, "softmax"
+            (`p`, default) or "against_end" (`p / (p + p_END)`); see `LabelDecoder`.
         label_threshold: `bce` head: the score a label needs to be in the
             label set (`eval.threshold`; per-label tuned thresholds replace it
             after training, `set_label_thresholds`).
@@ -196,6 +199,7 @@ def build_model(
             min_label_score=min_label_score,
             label_order=label_order,
             pla_rule=pla_rule,
+            label_scores=label_scores,
             prior_weight=sigmoid_fusion if head == "hybrid" else 0.0,
             # Probabilities and the GRU stay float32 under mixed precision.
             dtype="float32",

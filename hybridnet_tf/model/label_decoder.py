@@ -7,12 +7,15 @@ import tensorflow as tf
 # `load_model(safe_mode=True)`; importing the sigmoid head's layers here
 # keeps that one import enough for every head.
 from hybridnet_tf.model import sigmoid_head  # noqa: F401
-from hybridnet_tf.model.beam_search import beam_search
+from hybridnet_tf.model.beam_search import beam_search, label_vs_end
 from hybridnet_tf.model.label_sequences import LABEL_ORDERS, end_id, start_id
 
 # A large negative logit that removes a label from the softmax; finite so
 # that float16 / int8 exports do not produce NaN from inf - inf.
 _MASKED_LOGIT = -1e4
+
+# How a decoding step scores each label (see `LabelDecoder`'s `label_scores`).
+LABEL_SCORES = ("against_end", "softmax")
 
 
 @keras.saving.register_keras_serializable(package="hybridnet_tf")
@@ -41,8 +44,8 @@ class LabelDecoder(keras.layers.Layer):
       `prior_weight * log(p)` to the label logits (see `prior_weight`). The loop over
       `max_length` steps is unrolled when traced, with a `GRUCell` and no
       TensorArray, so it exports to SavedModel and to builtins-only TFLite.
-      It returns a dict: `scores` [B, L] (each label's highest probability
-      over the decoding steps up to and including the END step, and over
+      It returns a dict: `scores` [B, L] (each label's highest score, see
+      `label_scores`, over the decoding steps up to and including the END step, and over
       the open beams), `label_ids` [B, max_length] (decoded labels in order,
       -1 after END) and `num_labels` [B].
 
@@ -64,6 +67,14 @@ class LabelDecoder(keras.layers.Layer):
         pla_rule: with `label_order="orderless"`, the alignment rule of the
             loss: "paper" (Yazici et al.) or "sorted" (see
             `losses.OrderlessSequenceLoss`). Decoding ignores it.
+        label_scores: how a step scores each label: "softmax", its softmax
+            probability `p` (default), or "against_end", its probability
+            against END, `p / (p + p_END)` (`beam_search.label_vs_end`). A
+            label's score is the highest over the steps. On the coco128
+            yardstick (docs/real_data.md) against_end ranked better (mAP)
+            for a PLA-trained decoder, worse for a freq2rare one, and its
+            first-step scores saturate near 1 (END is never the first
+            target), so thresholds on it pick too many labels.
         prior_weight: weight of `log(label_prior)` in the label logits of
             every decoding step when a `label_prior` is passed (a product of
             experts: the decoder's next-label softmax times the per-label
@@ -91,6 +102,7 @@ class LabelDecoder(keras.layers.Layer):
         label_order="freq2rare",
         pla_rule="paper",
         prior_weight=0.0,
+        label_scores="softmax",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -120,6 +132,9 @@ class LabelDecoder(keras.layers.Layer):
         if pla_rule not in ("paper", "sorted"):
             raise ValueError(f"unknown pla_rule {pla_rule!r}; choose 'paper' or 'sorted'")
         self.pla_rule = pla_rule
+        if label_scores not in LABEL_SCORES:
+            raise ValueError(f"unknown label_scores {label_scores!r}; choose one of {list(LABEL_SCORES)}")
+        self.label_scores = label_scores
         self.prior_weight = prior_weight
         # L labels + END + START; START is never scored.
         self.label_embedding = keras.layers.Embedding(
@@ -271,7 +286,7 @@ class LabelDecoder(keras.layers.Layer):
             logits = logits + _MASKED_LOGIT * repeat_mask
             probs = tf.nn.softmax(logits, axis=-1)
             active = 1.0 - tf.cast(finished, probs.dtype)
-            scores = tf.maximum(scores, probs[:, :num_labels] * active[:, None])
+            scores = tf.maximum(scores, self._step_scores(logits, probs) * active[:, None])
             if self.min_label_score > 0:
                 # Labels below the minimum cannot be chosen, so greedy stops
                 # (emits END) when the most likely label falls below it.
@@ -290,6 +305,12 @@ class LabelDecoder(keras.layers.Layer):
             "num_labels": tf.cast(tf.reduce_sum(emitted, axis=-1), tf.int32),
         }
 
+    def _step_scores(self, logits, probs):
+        """[N, L] one decoding step's label scores (`label_scores`)."""
+        if self.label_scores == "against_end":
+            return label_vs_end(logits, self.num_labels)
+        return probs[:, : self.num_labels]
+
     def beam_decode(self, image_features, label_prior=None):
         """Beam search of width `beam_width`; see `beam_search` for the rules."""
         state, context = self._image_context(image_features)
@@ -304,6 +325,7 @@ class LabelDecoder(keras.layers.Layer):
             start_token=start_id(self.num_labels),
             min_label_score=self.min_label_score,
             masked_logit=_MASKED_LOGIT,
+            step_scores=self._step_scores,
         )
 
     def self_fed_logits(self, image_features, training=None):
@@ -359,6 +381,7 @@ class LabelDecoder(keras.layers.Layer):
                 "label_order": self.label_order,
                 "pla_rule": self.pla_rule,
                 "prior_weight": self.prior_weight,
+                "label_scores": self.label_scores,
             }
         )
         return config
