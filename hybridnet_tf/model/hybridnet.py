@@ -106,7 +106,7 @@ def build_model(
             `label_sequences.LABEL_ORDERS` (decoder heads). Default
             "orderless" (PLA, Yazici et al.): on the coco128 yardstick it
             gave `hybrid` decoded-set OF1 32.4 against 29.7 for "freq2rare"
-            (docs/real_data.md).
+            on one CPU, 30.4 against 30.0 on another (docs/real_data.md).
         beam_width: decoding beam width; 1 is greedy (decoder heads).
         min_label_score: decoding emits no label whose probability at that
             step is below this (decoder heads; 0 = off).
