@@ -347,3 +347,31 @@ def test_label_scores_default_to_softmax_and_reject_unknown_names():
     assert LabelDecoder(4, 3).label_scores == "softmax"
     with pytest.raises(ValueError, match="label_scores"):
         LabelDecoder(4, 3, label_scores="max")
+
+
+def test_against_end_scores_survive_keras_round_trip_and_builtins_only_tflite(tmp_path):
+    from hybridnet_tf.export.artifacts import load_predictor
+    from hybridnet_tf.export.tflite import export_tflite
+    from hybridnet_tf.model.hybridnet import LABEL_DECODER, build_model
+
+    model = build_model(5, image_size=32, head="hybrid_rnn", label_scores="against_end",
+                        gru_units=16, embedding_dim=8, max_length=4)
+    images = tf.random.stateless_uniform((4, 32, 32, 3), seed=[3, 1], maxval=255.0)
+    expected = model(images)
+    softmax_model = build_model(5, image_size=32, head="hybrid_rnn", gru_units=16, embedding_dim=8, max_length=4)
+    softmax_model.set_weights(model.get_weights())
+    # Same weights, same label sets, other scores: the rule is what changed.
+    np.testing.assert_array_equal(softmax_model(images)["label_ids"], expected["label_ids"])
+    assert np.abs(softmax_model(images)["scores"].numpy() - expected["scores"].numpy()).max() > 1e-3
+
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert loaded.get_layer(LABEL_DECODER).label_scores == "against_end"
+    np.testing.assert_allclose(loaded(images)["scores"], expected["scores"], atol=1e-6)
+
+    export_tflite(model, tmp_path / "model.tflite", vocabulary=[f"l{i}" for i in range(5)])
+    predictor = load_predictor(tmp_path / "model.tflite", num_threads=1)
+    outputs = predictor(images.numpy())
+    assert np.abs(outputs["scores"] - expected["scores"].numpy()).max() < 1e-4
+    assert not [op for op in predictor.op_names() if op.startswith("Flex") or op == "CUSTOM"]
