@@ -1,0 +1,25 @@
+"""The benchmark scripts still run against today's library (tiny sizes: numbers are not checked)."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_heads_runs_with_the_default_decoder_and_prints_every_row():
+    # It broke silently once: the default label order changed what training inputs look like.
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "benchmark_heads.py"), "--backbone", "small_cnn",
+         "--image-size", "32", "--batch-size", "4", "--rounds", "1", "--extras"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = dict(re.findall(r"^\| (train [^|]+?|infer [^|]+?) \| ([0-9.]+) \|", result.stdout, re.M))
+    assert set(rows) >= {
+        "train bce", "train hybrid_rnn", "train freq2rare (teacher forcing)", "train hybrid",
+        "infer bce", "infer greedy", "infer beam 5",
+    }, result.stdout
+    assert all(float(seconds) > 0 for seconds in rows.values())
