@@ -64,6 +64,7 @@ class LabelDecoder(keras.layers.Layer):
         label_order: the training order of the target sequences (one of
             `label_sequences.LABEL_ORDERS`); kept here so that training code
             can rebuild the targets from the model alone. Decoding ignores it.
+            Default "orderless", as `build_model`'s.
         pla_rule: with `label_order="orderless"`, the alignment rule of the
             loss: "paper" (Yazici et al.) or "sorted" (see
             `losses.OrderlessSequenceLoss`). Decoding ignores it.
@@ -99,7 +100,7 @@ class LabelDecoder(keras.layers.Layer):
         use_cudnn=False,
         beam_width=1,
         min_label_score=0.0,
-        label_order="freq2rare",
+        label_order="orderless",
         pla_rule="paper",
         prior_weight=0.0,
         label_scores="softmax",
