@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Sets up .venv and runs the test suite (slow tests too when HYBRIDNET_RUN_SLOW=1).
+# Sets up .venv and runs the test suite (slow tests too when HYBRIDNET_RUN_SLOW=1, and in
+# CI: CI=true turns them on unless HYBRIDNET_RUN_SLOW=0).
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k decoder`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+run_slow=${HYBRIDNET_RUN_SLOW:-}
+if [ -z "$run_slow" ] && [ "${CI:-}" = "true" ]; then run_slow=1; fi
 markers=()
-if [ "${HYBRIDNET_RUN_SLOW:-}" = "1" ]; then markers=(-m "slow or not slow"); fi
+if [ "$run_slow" = "1" ]; then markers=(-m "slow or not slow"); fi
 # Two pytest workers (pytest-xdist), each test file on one worker so its module
 # fixtures (trained runs) are built once. Much of a test's time is single-threaded
 # tracing and graph building, so two workers on 2 cores took the default suite from
