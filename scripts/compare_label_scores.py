@@ -29,21 +29,20 @@ RULES = ("softmax", "against_end")
 COLUMNS = ("mAP", "OF1", "tuned_OF1", "tuned_CF1")
 
 
-def scored_under(model, rule, dataset):
-    """`collect_predictions` with the decoder's `label_scores` set to `rule` (a fresh trace)."""
+def scored_under(run_dir, rule, datasets):
+    """`collect_predictions` of the run's best model, its decoder's `label_scores` set to `rule`.
+
+    The model is loaded anew for each rule: the rule is read when the
+    inference function is traced, and `collect_predictions` keeps one trace
+    per model.
+    """
     from hybridnet_tf.evaluation.predictions import collect_predictions
     from hybridnet_tf.model.hybridnet import LABEL_DECODER
+    from hybridnet_tf.run_files import load_run
 
+    _, _, model = load_run(run_dir)
     model.get_layer(LABEL_DECODER).label_scores = rule
-    # A new function object per rule: the cached trace would keep the old rule.
-    import tensorflow as tf
-
-    predict = tf.function(lambda images: model(images, training=False))
-    y_true, scores = [], []
-    for images, labels in dataset:
-        y_true.append(labels.numpy())
-        scores.append(predict(images)["scores"].numpy())
-    return np.concatenate(y_true), np.concatenate(scores)
+    return [collect_predictions(model, dataset)[:2] for dataset in datasets]
 
 
 def main(argv=None):
@@ -60,38 +59,28 @@ def main(argv=None):
 
     from hybridnet_tf.config import load_config
     from hybridnet_tf.data.load_splits import files_splits
-    from hybridnet_tf.data.splits import split_train_val
-    from hybridnet_tf.evaluation.metrics import mean_average_precision, threshold_metrics
     from hybridnet_tf.evaluation.thresholds import tune_thresholds
     from hybridnet_tf.experiment import as_dataset, train_on_splits
-    from hybridnet_tf.run_files import load_run
 
     config = load_config(args.config, args.set + [f"model.head={args.head}"])
     images = yardstick.load_coco128(yardstick.default_coco128())
     results = {rule: [] for rule in RULES}
     batch = config["eval"]["batch_size"]
-    for fold, (train_rows, test_rows) in enumerate(yardstick.fold_indices(len(images), args.folds, args.seed)):
-        train_part, val_part = split_train_val(
-            images.subset(train_rows), config["data"]["val_fraction"], seed=config["data"]["split_seed"]
-        )
-        test_part = images.subset(test_rows)
+    for fold, (train_part, val_part, test_part) in enumerate(
+        yardstick.fold_parts(images, config, args.folds, args.seed)
+    ):
+        if val_part is None:
+            raise SystemExit("thresholds are tuned on val: the config needs data.val_fraction > 0")
+        datasets = [as_dataset(part, config, False, batch_size=batch) for part in (val_part, test_part)]
         with tempfile.TemporaryDirectory(prefix="label_scores_") as run_dir:
             train_on_splits(config, run_dir, files_splits(train_part, val_part), verbose=0)
-            _, _, model = load_run(run_dir)
-        val_data = as_dataset(val_part, config, False, batch_size=batch)
-        test_data = as_dataset(test_part, config, False, batch_size=batch)
+            scored = {rule: scored_under(run_dir, rule, datasets) for rule in RULES}
         for rule in RULES:
-            y_val, s_val = scored_under(model, rule, val_data)
-            y_test, s_test = scored_under(model, rule, test_data)
+            (y_val, s_val), (y_test, s_test) = scored[rule]
             tuned = np.asarray(tune_thresholds(y_val, s_val)["per_class"])
-            at_tuned = threshold_metrics(y_test, s_test, tuned)
-            results[rule].append({
-                "mAP": mean_average_precision(y_test, s_test)[0],
-                "OF1": threshold_metrics(y_test, s_test, config["eval"]["threshold"])["OF1"],
-                "tuned_OF1": at_tuned["OF1"],
-                "tuned_CF1": at_tuned["CF1"],
-                "share_of_ones": float(np.mean(s_test >= 0.999)),
-            })
+            row = yardstick.score_set(y_test, s_test, None, config["eval"]["threshold"], tuned)
+            row["share_of_ones"] = float(np.mean(s_test >= 0.999))
+            results[rule].append(row)
         print(f"fold {fold + 1}: " + "  ".join(
             f"{rule} mAP {results[rule][-1]['mAP']:.3f} tuned OF1 {results[rule][-1]['tuned_OF1']:.3f}"
             for rule in RULES), flush=True)

@@ -73,6 +73,20 @@ def fold_indices(num_images, folds, seed):
     return list(KFold(n_splits=folds, shuffle=True, random_state=seed).split(np.arange(num_images)))
 
 
+def fold_parts(images, config, folds, seed):
+    """`(train, val, test)` parts of each fold: seeded k-fold, then the config's
+    `data.val_fraction` held back from the training folds (val None at 0)."""
+    from hybridnet_tf.data.splits import split_train_val
+
+    for train_rows, test_rows in fold_indices(len(images), folds, seed):
+        train_part, val_part = images.subset(train_rows), None
+        if config["data"]["val_fraction"] > 0:
+            train_part, val_part = split_train_val(
+                train_part, config["data"]["val_fraction"], seed=config["data"]["split_seed"]
+            )
+        yield train_part, val_part, images.subset(test_rows)
+
+
 def score_set(y_true, scores, decoded, threshold, tuned):
     """The yardstick's numbers for one model on one fold."""
     from hybridnet_tf.evaluation.metrics import mean_average_precision, set_metrics, threshold_metrics
@@ -180,8 +194,6 @@ def main(argv=None):
 
     from hybridnet_tf.config import load_config
     from hybridnet_tf.data.load_splits import files_splits
-    from hybridnet_tf.data.splits import split_train_val
-
     base = load_config(args.config, args.set)
     heads = [h for h in args.heads.split(",") if h]
     images = load_coco128(args.data)
@@ -200,15 +212,9 @@ def main(argv=None):
         if saved.get("run") == run_key:
             results = saved["folds"]
             print(f"resuming after {len(results)} finished fold(s) in {partial}")
-    for fold, (train_rows, test_rows) in enumerate(fold_indices(len(images), args.folds, args.seed)):
+    for fold, (train_part, val_part, test_part) in enumerate(fold_parts(images, base, args.folds, args.seed)):
         if fold < len(results):
             continue
-        train_part, test_part = images.subset(train_rows), images.subset(test_rows)
-        val_part = None
-        if base["data"]["val_fraction"] > 0:
-            train_part, val_part = split_train_val(
-                train_part, base["data"]["val_fraction"], seed=base["data"]["split_seed"]
-            )
         splits = files_splits(train_part, val_part)
         fold_result = {
             "probe": run_probe(base, features, labels, index_of, splits.train, splits.val, test_part, args.seed)

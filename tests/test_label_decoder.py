@@ -108,7 +108,7 @@ def _all_sequences(max_length):
 
 
 def _brute_force(decoder, image_features, min_label_score=0.0, log_prior=None):
-    """Best sequence by total log-probability, and each label's highest score against END over open prefixes."""
+    """Best sequence by total log-probability, and each label's highest step score (`_step_scores`) over open prefixes."""
     best, best_log_prob = None, -np.inf
     scores = np.zeros(NUM_LABELS)
     cache = {}
