@@ -84,6 +84,10 @@ DEFAULTS = {
         # ranks better on coco128 but saturates, so thresholds pick too much;
         # docs/real_data.md)
         "label_scores": "softmax",
+        # decoder heads: a linear map of the pooled image feature added to every
+        # step's label logits, set from the linear probe when the frozen phase
+        # fits one (train.probe_init); the decoder learns corrections to it
+        "image_logits": True,
         # hybrid (GRU decoder for label sets + sigmoid head for scores) | hybrid_rnn
         # (GRU decoder alone) | bce (sigmoid head alone); see hybridnet.py
         "head": "hybrid",

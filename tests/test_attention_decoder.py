@@ -32,10 +32,11 @@ def _random_decoder(max_length=4, seed=0, **kwargs):
     return decoder, maps
 
 
-def test_greedy_decode_is_the_argmax_of_its_own_teacher_forced_steps():
+@pytest.mark.parametrize("image_logits", [False, True])
+def test_greedy_decode_is_the_argmax_of_its_own_teacher_forced_steps(image_logits):
     # Decoding and training run the same steps: teacher forcing on the decoded
     # sequence gives logits whose masked argmax is that sequence.
-    decoder, maps = _random_decoder(seed=1)
+    decoder, maps = _random_decoder(seed=1, image_logits=image_logits)
     out = decoder(maps)
     label_ids = out["label_ids"].numpy()
     assert len({tuple(row) for row in label_ids}) > 1  # the data decode differently
@@ -56,8 +57,9 @@ def test_greedy_decode_is_the_argmax_of_its_own_teacher_forced_steps():
             emitted.append(choice)
 
 
-def test_beam_width_one_is_greedy_and_wide_beams_score_at_least_as_high():
-    decoder, maps = _random_decoder(seed=2)
+@pytest.mark.parametrize("image_logits", [False, True])
+def test_beam_width_one_is_greedy_and_wide_beams_score_at_least_as_high(image_logits):
+    decoder, maps = _random_decoder(seed=2, image_logits=image_logits)
     greedy = decoder.greedy_decode(maps)
     state, context = decoder._image_context(maps)
     beam = beam_search(decoder._step, state, context, num_labels=NUM_LABELS, max_length=4, beam_width=1,
@@ -68,8 +70,9 @@ def test_beam_width_one_is_greedy_and_wide_beams_score_at_least_as_high():
     assert wide(maps)["label_ids"].shape == (10, 4)
 
 
-def test_self_fed_run_is_the_greedy_decode():
-    decoder, maps = _random_decoder(seed=3)
+@pytest.mark.parametrize("image_logits", [False, True])
+def test_self_fed_run_is_the_greedy_decode(image_logits):
+    decoder, maps = _random_decoder(seed=3, image_logits=image_logits)
     tokens = decoder(maps, self_fed=True).numpy().argmax(-1)[:, :-1]
     greedy = decoder.greedy_decode(maps)["label_ids"].numpy()
     for row_tokens, row_greedy in zip(tokens, greedy):

@@ -214,6 +214,36 @@ def test_cached_frozen_phase_keeps_the_probe_head_and_trains_the_decoder(tmp_pat
     assert not [t for t in events.Tags()["tensors"] if t.startswith("val_examples/")]
 
 
+@pytest.mark.parametrize("head", ["hybrid_rnn", "hybrid"])
+def test_cached_frozen_phase_sets_the_decoders_image_logits_from_the_probe(tmp_path, capsys, monkeypatch, head):
+    from hybridnet_tf.training import linear_probe
+
+    probes = []
+    real_set = linear_probe.set_decoder_image_logits
+    monkeypatch.setattr(linear_probe, "set_decoder_image_logits", lambda m, p: (probes.append(p), real_set(m, p)))
+    model = build_model(4, head=head, image_logits=True, **SMALL)
+    images, labels = images_and_labels(count=24)
+    train_data = dataset(images, labels)
+    train_in_phases(
+        model, train_data, dataset(images[:8], labels[:8]), np.arange(4), str(tmp_path), steps_per_epoch=3,
+        epochs=1, optimization=Optimization(learning_rate=1e-2, batch_size=8),
+        checkpointing=Checkpointing(monitor="val_mAP", verbose=0),
+        schedule=PhaseSchedule(frozen_epochs=1, frozen_steps=10,
+                               feature_cache=FeatureCacheInputs(train_data, flip_views=True, seed=0)),
+    )
+    out = capsys.readouterr().out
+    assert "decoder's image logits set by a linear probe" in out
+    assert ("sigmoid head and decoder's" in out) == (head == "hybrid")
+    (probe,) = probes
+    assert np.abs(probe.kernel).max() > 0  # a real fit, not the zero start
+    image_path = model.get_layer(LABEL_DECODER).image_to_labels
+    np.testing.assert_array_equal(image_path.kernel.numpy(), probe.kernel)  # fixed while the decoder trained
+    np.testing.assert_array_equal(image_path.bias.numpy(), probe.bias)
+    assert image_path.trainable  # trainable again for a later phase
+    best = keras.models.load_model(tmp_path / "best.keras", safe_mode=True)
+    np.testing.assert_array_equal(best.get_layer(LABEL_DECODER).image_to_labels.kernel.numpy(), probe.kernel)
+
+
 def test_phases_are_lengthened_to_their_minimum_steps():
     assert _lengthened(6, 10, 0) == 6
     assert _lengthened(6, 10, 1000) == 100

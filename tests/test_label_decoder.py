@@ -46,6 +46,8 @@ def _next_probs(decoder, image_features, prefix, log_prior=None):
         output, state = decoder.gru.cell(tf.constant(step_input), state)
     joint = np.maximum(np.concatenate([output.numpy(), image_step], -1) @ joint_kernel + joint_bias, 0)
     logits = (joint @ embeddings[: NUM_LABELS + 1].T + bias)[0].astype(np.float64)
+    if decoder.image_to_labels is not None:
+        logits[:NUM_LABELS] += decoder.image_to_labels(features).numpy()[0]
     if log_prior is not None:
         logits[:NUM_LABELS] += log_prior
     for label in prefix:
@@ -82,10 +84,12 @@ def _padded(labels, length):
     return labels + [-1] * (length - len(labels))
 
 
-@pytest.mark.parametrize("label_scores", ["against_end", "softmax"])
+@pytest.mark.parametrize("label_scores, image_logits", [("against_end", False), ("softmax", False), ("softmax", True)])
 @pytest.mark.parametrize("min_label_score", [0.0, 0.4])
-def test_greedy_matches_a_step_by_step_reference(min_label_score, label_scores):
-    decoder, features = _tiny_decoder(max_length=4, min_label_score=min_label_score, label_scores=label_scores)
+def test_greedy_matches_a_step_by_step_reference(min_label_score, label_scores, image_logits):
+    decoder, features = _tiny_decoder(
+        max_length=4, min_label_score=min_label_score, label_scores=label_scores, image_logits=image_logits
+    )
     out = decoder(features)
     lengths = set()
     for row in range(features.shape[0]):
@@ -341,6 +345,34 @@ def test_every_decoded_label_scores_above_one_half(beam_width):
     rows, steps = np.nonzero(ids >= 0)
     assert len(rows) > features.shape[0]  # several labels per image on this data
     assert np.all(scores[rows, ids[rows, steps]] > 0.5)
+
+
+def test_image_logits_are_added_to_every_step_in_training_and_decoding():
+    plain, features = _tiny_decoder(max_length=4, label_scores="softmax")
+    decoder = LabelDecoder(NUM_LABELS, 4, embedding_dim=6, units=8, dtype="float32", label_scores="softmax",
+                           image_logits=True)
+    decoder(features)
+    # The same weights but the image path, which starts at zero: it decodes as without it.
+    own = {w.path.split("/", 1)[1]: w for w in decoder.weights}
+    for weight in plain.weights:
+        own[weight.path.split("/", 1)[1]].assign(weight)
+    kernel, bias = decoder.image_to_labels.weights
+    np.testing.assert_array_equal(decoder(features)["label_ids"], plain(features)["label_ids"])
+    # A large image logit for label 2 makes it every image's first label.
+    bias.assign(np.array([0.0, 0.0, 30.0, 0.0], np.float32))
+    assert np.all(decoder(features)["label_ids"].numpy()[:, 0] == 2)
+    assert not np.all(plain(features)["label_ids"].numpy()[:, 0] == 2)
+    # Teacher forcing on the decoded tokens gives the self-fed run's logits
+    # (where the no-repeat mask leaves them alone): both paths add the term.
+    rng = np.random.default_rng(3)
+    kernel.assign(rng.normal(0.0, 1.0, kernel.shape).astype(np.float32))
+    self_fed = decoder(features, self_fed=True).numpy()
+    tokens = np.argmax(self_fed, axis=-1)
+    inputs = np.concatenate([np.full((len(tokens), 1), START), tokens[:, :-1]], axis=1)
+    forced = decoder([features, tf.constant(inputs, tf.int32)]).numpy()
+    unmasked = self_fed > MASKED / 2
+    np.testing.assert_allclose(forced[unmasked], self_fed[unmasked], atol=1e-4)
+    assert np.abs(forced - plain([features, tf.constant(inputs, tf.int32)]).numpy())[unmasked].max() > 0.1
 
 
 def test_label_scores_default_to_softmax_and_reject_unknown_names():

@@ -82,7 +82,10 @@ class AttentionLabelDecoder(LabelDecoder):
         if self.gate is not None:
             self.gate.build((None, self.units))
 
-    def _image_context(self, feature_map):
+    def _pooled(self, feature_map):
+        return tf.reduce_mean(tf.cast(feature_map, self.compute_dtype), axis=[1, 2])
+
+    def _view_of_image(self, feature_map):
         """GRU state from the mean of the map; the context holds the map's positions and keys."""
         feature_map = tf.cast(feature_map, self.compute_dtype)
         shape = tf.shape(feature_map)
@@ -112,7 +115,7 @@ class AttentionLabelDecoder(LabelDecoder):
             output = self.output_dropout(output, training=training)
         return self._scores_logits(output, step_context), state, weights
 
-    def _step(self, token, state, context, training=None):
+    def _read_step(self, token, state, context, training=None):
         logits, state, _ = self._attention_step(token, state, context, training)
         return logits, state
 
@@ -131,12 +134,13 @@ class AttentionLabelDecoder(LabelDecoder):
 
     def _teacher_forced_steps(self, feature_map, decoder_inputs, training=None):
         state, context = self._image_context(feature_map)
+        context, label_logits = self._split_context(context)
         all_logits, all_weights = [], []
         for step in range(decoder_inputs.shape[1]):  # static length: unrolled
             logits, state, weights = self._attention_step(
                 decoder_inputs[:, step], state, context, training
             )
-            all_logits.append(logits)
+            all_logits.append(logits if label_logits is None else logits + label_logits)
             all_weights.append(weights)
         return tf.stack(all_logits, axis=1), tf.stack(all_weights, axis=1)
 

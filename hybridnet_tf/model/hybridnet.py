@@ -85,6 +85,7 @@ def build_model(
     label_scores="softmax",
     hub_preset=None,
     sigmoid_fusion=0.0,
+    image_logits=True,
 ):
     """Builds the HybridNet inference model.
 
@@ -138,6 +139,10 @@ def build_model(
             `losses.OrderlessSequenceLoss`).
         label_scores: decoder heads: each label's per-step score, "softmax"
             (`p`, default) or "against_end" (`p / (p + p_END)`); see `LabelDecoder`.
+        image_logits: decoder heads: add a linear map of the pooled image
+            feature to every step's label logits (`LabelDecoder`'s
+            `image_logits`); the cached-feature recipe sets it from the
+            linear probe.
         label_threshold: `bce` head: the score a label needs to be in the
             label set (`eval.threshold`; per-label tuned thresholds replace it
             after training, `set_label_thresholds`).
@@ -201,6 +206,7 @@ def build_model(
             pla_rule=pla_rule,
             label_scores=label_scores,
             prior_weight=sigmoid_fusion if head == "hybrid" else 0.0,
+            image_logits=image_logits,
             # Probabilities and the GRU stay float32 under mixed precision.
             dtype="float32",
             name=LABEL_DECODER,

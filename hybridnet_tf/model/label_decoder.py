@@ -82,6 +82,15 @@ class LabelDecoder(keras.layers.Layer):
             probabilities, raised to this power; END is left alone, so labels
             the prior finds unlikely lose to END). 0 turns it off. Training
             (teacher forcing, self-fed runs) never sees the prior.
+        image_logits: add a linear map of the pooled image feature,
+            `image_to_labels` [D -> L], to every step's label logits (END
+            gets 0), in training and decoding alike. The joint-space score
+            reads the image through a 64-128 wide ReLU bottleneck; this path
+            reads it the way a linear probe does, and training code can set
+            it from one (`linear_probe.set_decoder_image_logits`), so that
+            the decoder learns corrections to the probe's ranking given the
+            labels emitted so far. Starts at zero: without a probe the
+            decoder starts as it would without the path.
 
     Example:
         >>> decoder = LabelDecoder(num_labels=5, max_length=4)
@@ -104,6 +113,7 @@ class LabelDecoder(keras.layers.Layer):
         pla_rule="paper",
         prior_weight=0.0,
         label_scores="softmax",
+        image_logits=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -137,6 +147,16 @@ class LabelDecoder(keras.layers.Layer):
             raise ValueError(f"unknown label_scores {label_scores!r}; choose one of {list(LABEL_SCORES)}")
         self.label_scores = label_scores
         self.prior_weight = prior_weight
+        self.image_logits = bool(image_logits)
+        # A linear read of the pooled feature added to every step's label
+        # logits; zeros at the start, so the decoder starts as without it.
+        self.image_to_labels = (
+            keras.layers.Dense(
+                num_labels, kernel_initializer="zeros", name="image_to_labels", dtype=self.dtype_policy
+            )
+            if self.image_logits
+            else None
+        )
         # L labels + END + START; START is never scored.
         self.label_embedding = keras.layers.Embedding(
             num_labels + 2, embedding_dim, name="label_embedding", dtype=self.dtype_policy
@@ -170,6 +190,8 @@ class LabelDecoder(keras.layers.Layer):
         self.image_to_step.build((None, feature_dim))
         self.gru.build((None, None, 2 * self.embedding_dim))
         self.to_joint_space.build((None, self.units + self.embedding_dim))
+        if self.image_to_labels is not None:
+            self.image_to_labels.build((None, feature_dim))
         self.output_bias = self.add_weight(
             shape=(self.num_labels + 1,), initializer="zeros", name="output_bias"
         )
@@ -217,16 +239,50 @@ class LabelDecoder(keras.layers.Layer):
         return self._step_with_prior, (context, log_prior)
 
     def _image_context(self, image_features):
+        """(GRU state before the first step, the context every step reads).
+
+        The context is `_view_of_image`'s, paired with the `image_logits`
+        term [B, L+1] when that is on; beam search tiles the nest per beam.
+        """
+        state, context = self._view_of_image(image_features)
+        if self.image_to_labels is None:
+            return state, context
+        return state, (context, self._label_logits_of_image(self._pooled(image_features)))
+
+    def _view_of_image(self, image_features):
         """The decoder's view of the image: (GRU state before the first step, per-step context).
 
         The pooled decoder feeds the same projected image feature [B, E] to
         every step; subclasses (the attention decoder) return other contexts,
-        any nest of [B, ...] tensors, which beam search tiles per beam.
+        any nest of [B, ...] tensors.
         """
         return self.initial_state(image_features), self.image_to_step(image_features)
 
+    def _pooled(self, image_features):
+        """The pooled image feature [B, D] (the attention decoder pools its map)."""
+        return image_features
+
+    def _label_logits_of_image(self, pooled):
+        """[B, L+1]: `image_to_labels` of the pooled feature, and 0 for END."""
+        logits = self.image_to_labels(pooled)
+        return tf.concat([logits, tf.zeros_like(logits[:, :1])], axis=-1)
+
+    def _split_context(self, context):
+        """(the view's context, the `image_logits` term or None) of an `_image_context` context."""
+        if self.image_to_labels is None:
+            return context, None
+        return context
+
     def _step(self, token, state, context, training=None):
         """One decoder step: logits [N, L+1] of the next token and the new state."""
+        context, label_logits = self._split_context(context)
+        logits, state = self._read_step(token, state, context, training)
+        if label_logits is not None:
+            logits = logits + label_logits
+        return logits, state
+
+    def _read_step(self, token, state, context, training=None):
+        """`_step` before the `image_logits` term, on the view's own context."""
         step_input = tf.concat([self.label_embedding(token), context], axis=-1)
         output, state = self.gru.cell(step_input, state, training=training)
         if training:
@@ -244,7 +300,10 @@ class LabelDecoder(keras.layers.Layer):
             gru_inputs, initial_state=self.initial_state(image_features), training=training
         )
         outputs = self.output_dropout(outputs, training=training)
-        return self._scores_logits(outputs, image_steps)
+        logits = self._scores_logits(outputs, image_steps)
+        if self.image_to_labels is not None:
+            logits = logits + self._label_logits_of_image(image_features)[:, None, :]
+        return logits
 
     def _start_decoding(self, image_features):
         """The state before the first step: GRU state, step context, START tokens, masks."""
@@ -383,6 +442,7 @@ class LabelDecoder(keras.layers.Layer):
                 "pla_rule": self.pla_rule,
                 "prior_weight": self.prior_weight,
                 "label_scores": self.label_scores,
+                "image_logits": self.image_logits,
             }
         )
         return config

@@ -272,25 +272,21 @@ def _frozen_phase(model, epochs, steps_per_epoch, optimization, schedule, common
     print(f"cached {len(train_features)} feature views in {time.perf_counter() - start:.1f} s")
     checkpointing = common["checkpointing"]
     sigmoid_head = layer_or_none(model, SIGMOID_HEAD)
-    if feature_cache.probe_init and sigmoid_head is not None:
-        from hybridnet_tf.training.linear_probe import fit_linear_probe, set_sigmoid_head
-
-        start = time.perf_counter()
-        # The unflipped view only: an image and its mirror must not sit on both
-        # sides of the probe's cross-validation.
-        originals = len(train_features) // train_features.views
-        probe = fit_linear_probe(train_features.pooled()[:originals], train_features.labels[:originals],
-                                 seed=feature_cache.seed or 0)
-        set_sigmoid_head(model, probe)
-        print(f"phase 1: sigmoid head set by a linear probe (logistic regression, C={probe.c:g}) "
-              f"in {time.perf_counter() - start:.1f} s; it stays fixed while the decoder trains")
-        if layer_or_none(model, LABEL_DECODER) is None:
+    decoder = layer_or_none(model, LABEL_DECODER)
+    # The layers a probe sets; they stay fixed while the decoder trains.
+    probe_layers = [layer for layer in (sigmoid_head, getattr(decoder, "image_to_labels", None)) if layer is not None]
+    if not feature_cache.probe_init:
+        probe_layers = []
+    if probe_layers:
+        _set_from_probe(model, train_features, feature_cache.seed or 0)
+        if decoder is None:
             return _save_without_training(model, common["run_dir"])
-        sigmoid_head.trainable = False
         score_mix = layer_or_none(model, "score_mix")
         if score_mix is not None and score_mix.sigmoid_weight == 1.0 and checkpointing.monitor == "val_mAP":
             # The scores are the fixed probe's: pick the decoder's epoch by its label sets.
             checkpointing = dataclasses.replace(checkpointing, monitor="val_decoded_OF1")
+    for layer in probe_layers:
+        layer.trainable = False
     steps = _lengthened(math.ceil(len(train_features) / batch_size), epochs, schedule.frozen_steps)
     print(f"phase 1: heads on cached features for {epochs} epoch(s) of {steps} steps; "
           f"best epoch by {checkpointing.monitor}")
@@ -308,8 +304,29 @@ def _frozen_phase(model, epochs, steps_per_epoch, optimization, schedule, common
             seed=feature_cache.seed,
         )
     finally:
-        if sigmoid_head is not None:
-            sigmoid_head.trainable = True
+        for layer in probe_layers:
+            layer.trainable = True
+
+
+def _set_from_probe(model, train_features, seed):
+    """Fits a linear probe of the cached features and sets the heads that take one from it:
+    the sigmoid head, and the decoder's `image_to_labels` when it has one."""
+    from hybridnet_tf.training.linear_probe import fit_linear_probe, set_decoder_image_logits, set_sigmoid_head
+
+    start = time.perf_counter()
+    # The unflipped view only: an image and its mirror must not sit on both
+    # sides of the probe's cross-validation.
+    originals = len(train_features) // train_features.views
+    probe = fit_linear_probe(train_features.pooled()[:originals], train_features.labels[:originals], seed=seed)
+    targets = []
+    if layer_or_none(model, SIGMOID_HEAD) is not None:
+        set_sigmoid_head(model, probe)
+        targets.append("sigmoid head")
+    if getattr(layer_or_none(model, LABEL_DECODER), "image_to_labels", None) is not None:
+        set_decoder_image_logits(model, probe)
+        targets.append("decoder's image logits")
+    print(f"phase 1: {' and '.join(targets)} set by a linear probe (logistic regression, C={probe.c:g}) "
+          f"in {time.perf_counter() - start:.1f} s; fixed while the decoder trains")
 
 
 def _save_without_training(model, run_dir):

@@ -1,4 +1,4 @@
-"""A linear probe of backbone features with scikit-learn, and the sigmoid head set from it.
+"""A linear probe of backbone features with scikit-learn, and the heads set from it.
 
 The first stage of LP-FT (Kumar et al., "Fine-Tuning can Distort Pretrained
 Features and Underperform Out-of-Distribution", ICLR 2022): fit the linear
@@ -110,5 +110,14 @@ def set_sigmoid_head(model, probe):
     from hybridnet_tf.model.hybridnet import SIGMOID_HEAD
 
     dense = model.get_layer(SIGMOID_HEAD).dense
+    dense.kernel.assign(probe.kernel.astype(dense.kernel.dtype))
+    dense.bias.assign(probe.bias.astype(dense.bias.dtype))
+
+
+def set_decoder_image_logits(model, probe):
+    """Copies a `LinearProbe` into the label decoder's `image_to_labels` (decoder `image_logits`)."""
+    from hybridnet_tf.model.hybridnet import LABEL_DECODER
+
+    dense = model.get_layer(LABEL_DECODER).image_to_labels
     dense.kernel.assign(probe.kernel.astype(dense.kernel.dtype))
     dense.bias.assign(probe.bias.astype(dense.bias.dtype))
