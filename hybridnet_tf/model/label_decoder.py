@@ -90,7 +90,9 @@ class LabelDecoder(keras.layers.Layer):
             it from one (`linear_probe.set_decoder_image_logits`), so that
             the decoder learns corrections to the probe's ranking given the
             labels emitted so far. Starts at zero: without a probe the
-            decoder starts as it would without the path.
+            decoder starts as it would without the path. False here, so that
+            models saved before the option (their config lacks the key) load
+            as they were; `build_model` and the config turn it on.
 
     Example:
         >>> decoder = LabelDecoder(num_labels=5, max_length=4)
