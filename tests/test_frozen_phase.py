@@ -175,23 +175,34 @@ def test_linear_probe_ranks_separable_labels_and_sets_the_sigmoid_head():
     np.testing.assert_allclose(heads["scores"].numpy(), probe_padded.scores(padded), atol=1e-5)
 
 
-def test_cached_frozen_phase_keeps_the_probe_head_and_trains_the_decoder(tmp_path, capsys, monkeypatch):
+def _recorded_probes(monkeypatch, setter):
+    """The probes passed to `linear_probe.<setter>` during the test (the setter still runs)."""
     from hybridnet_tf.training import linear_probe
 
     probes = []
-    real_set = linear_probe.set_sigmoid_head
-    monkeypatch.setattr(linear_probe, "set_sigmoid_head", lambda m, p: (probes.append(p), real_set(m, p)))
-    model = build_model(4, head="hybrid", **SMALL)
+    real_set = getattr(linear_probe, setter)
+    monkeypatch.setattr(linear_probe, setter, lambda m, p: (probes.append(p), real_set(m, p)))
+    return probes
+
+
+def _cached_frozen_run(model, run_dir, epochs, frozen_steps):
+    """`train_in_phases` of 24 images (8 for val), every epoch frozen and on cached features."""
     images, labels = images_and_labels(count=24)
     train_data = dataset(images, labels)
-    decoder_before = [w.numpy().copy() for w in model.get_layer(LABEL_DECODER).weights]
     train_in_phases(
-        model, train_data, dataset(images[:8], labels[:8]), np.arange(4), str(tmp_path), steps_per_epoch=3,
-        epochs=2, optimization=Optimization(learning_rate=1e-2, batch_size=8),
+        model, train_data, dataset(images[:8], labels[:8]), np.arange(4), str(run_dir), steps_per_epoch=3,
+        epochs=epochs, optimization=Optimization(learning_rate=1e-2, batch_size=8),
         checkpointing=Checkpointing(monitor="val_mAP", verbose=0),
-        schedule=PhaseSchedule(frozen_epochs=2, frozen_steps=20,
+        schedule=PhaseSchedule(frozen_epochs=epochs, frozen_steps=frozen_steps,
                                feature_cache=FeatureCacheInputs(train_data, flip_views=True, seed=0)),
     )
+
+
+def test_cached_frozen_phase_keeps_the_probe_head_and_trains_the_decoder(tmp_path, capsys, monkeypatch):
+    probes = _recorded_probes(monkeypatch, "set_sigmoid_head")
+    model = build_model(4, head="hybrid", **SMALL)
+    decoder_before = [w.numpy().copy() for w in model.get_layer(LABEL_DECODER).weights]
+    _cached_frozen_run(model, tmp_path, epochs=2, frozen_steps=20)
     out = capsys.readouterr().out
     assert "cached 48 feature views" in out
     assert "2 epoch(s) of 10 steps" in out  # 20 frozen_steps over 2 epochs
@@ -216,21 +227,9 @@ def test_cached_frozen_phase_keeps_the_probe_head_and_trains_the_decoder(tmp_pat
 
 @pytest.mark.parametrize("head", ["hybrid_rnn", "hybrid"])
 def test_cached_frozen_phase_sets_the_decoders_image_logits_from_the_probe(tmp_path, capsys, monkeypatch, head):
-    from hybridnet_tf.training import linear_probe
-
-    probes = []
-    real_set = linear_probe.set_decoder_image_logits
-    monkeypatch.setattr(linear_probe, "set_decoder_image_logits", lambda m, p: (probes.append(p), real_set(m, p)))
+    probes = _recorded_probes(monkeypatch, "set_decoder_image_logits")
     model = build_model(4, head=head, image_logits=True, **SMALL)
-    images, labels = images_and_labels(count=24)
-    train_data = dataset(images, labels)
-    train_in_phases(
-        model, train_data, dataset(images[:8], labels[:8]), np.arange(4), str(tmp_path), steps_per_epoch=3,
-        epochs=1, optimization=Optimization(learning_rate=1e-2, batch_size=8),
-        checkpointing=Checkpointing(monitor="val_mAP", verbose=0),
-        schedule=PhaseSchedule(frozen_epochs=1, frozen_steps=10,
-                               feature_cache=FeatureCacheInputs(train_data, flip_views=True, seed=0)),
-    )
+    _cached_frozen_run(model, tmp_path, epochs=1, frozen_steps=10)
     out = capsys.readouterr().out
     assert "decoder's image logits set by a linear probe" in out
     assert ("sigmoid head and decoder's" in out) == (head == "hybrid")

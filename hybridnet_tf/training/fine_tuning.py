@@ -274,9 +274,10 @@ def _frozen_phase(model, epochs, steps_per_epoch, optimization, schedule, common
     sigmoid_head = layer_or_none(model, SIGMOID_HEAD)
     decoder = layer_or_none(model, LABEL_DECODER)
     # The layers a probe sets; they stay fixed while the decoder trains.
-    probe_layers = [layer for layer in (sigmoid_head, getattr(decoder, "image_to_labels", None)) if layer is not None]
-    if not feature_cache.probe_init:
-        probe_layers = []
+    probe_layers = []
+    if feature_cache.probe_init:
+        probe_layers = [layer for layer in (sigmoid_head, getattr(decoder, "image_to_labels", None))
+                        if layer is not None]
     if probe_layers:
         _set_from_probe(model, train_features, feature_cache.seed or 0)
         if decoder is None:
