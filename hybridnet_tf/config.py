@@ -178,7 +178,7 @@ CHOICES = {
     ("model", "head"): ("hybrid_rnn", "bce", "hybrid"),
     ("model", "decoder"): ("pooled", "attention"),
     ("model", "pla_rule"): ("paper", "sorted"),
-    ("model", "label_scores"): ("softmax", "against_end"),
+    ("model", "label_scores"): ("softmax", "against_end", "sigmoid"),
     ("model", "sigmoid_loss"): ("bce", "asl"),
     ("model", "freeze_batch_norm"): ("auto", True, False),
     ("train", "jit_compile"): ("auto", True, False),

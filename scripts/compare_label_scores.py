@@ -1,9 +1,10 @@
 """The decoder's per-label score rules compared on the same trained models (coco128 folds).
 
 `model.label_scores` decides how a decoding step scores each label:
-`softmax` (its probability p) or `against_end` (p / (p + p_END)). The rule
+`softmax` (its probability p), `against_end` (p / (p + p_END)) or
+`sigmoid` (sigmoid of its own logit). The rule
 does not change training or the decoded label sets, only `scores`, so both
-are measured on the same weights: for each fold of `real_data_check.py`
+are all measured on the same weights: for each fold of `real_data_check.py`
 (same folds, config and val split) a decoder head is trained once, then its
 test fold is scored under each rule, with thresholds tuned on the val images
 under that rule. Training on these folds is not bit-reproducible between
@@ -25,7 +26,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-RULES = ("softmax", "against_end")
+RULES = ("softmax", "against_end", "sigmoid")
 COLUMNS = ("mAP", "OF1", "tuned_OF1", "tuned_CF1")
 
 
@@ -98,7 +99,7 @@ def main(argv=None):
     table = "\n".join(lines) + (
         f"\n\n{args.head}, {os.path.relpath(args.config, ROOT)}"
         + (f" with {' '.join(args.set)}" if args.set else "")
-        + f"; {args.folds} folds, the same trained model per fold for both rules.\n"
+        + f"; {args.folds} folds, the same trained model per fold for every rule.\n"
     )
     print("\n" + table)
     if args.out:

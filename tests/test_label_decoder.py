@@ -27,8 +27,8 @@ def _tiny_decoder(max_length=3, seed=0, **kwargs):
     return decoder, features
 
 
-def _next_probs(decoder, image_features, prefix, log_prior=None):
-    """Softmax over labels + END after `prefix`, computed step by step in Python.
+def _next_step(decoder, image_features, prefix, log_prior=None):
+    """Softmax and logits over labels + END after `prefix`, computed step by step in Python.
 
     Calls `decoder.gru.cell` one step at a time (eagerly) and does the joint
     embedding scoring and the no-repeat mask in NumPy. `log_prior` [L] is
@@ -52,22 +52,24 @@ def _next_probs(decoder, image_features, prefix, log_prior=None):
         logits[:NUM_LABELS] += log_prior
     for label in prefix:
         logits[label] += MASKED
-    logits -= logits.max()
-    return np.exp(logits) / np.exp(logits).sum()
+    shifted = logits - logits.max()
+    return np.exp(shifted) / np.exp(shifted).sum(), logits
 
 
-def _step_scores(decoder, probs):
-    """A step's label scores: p(c) / (p(c) + p(END)) (against_end), or p(c) (softmax)."""
+def _step_scores(decoder, probs, logits):
+    """A step's label scores: p(c) / (p(c) + p(END)) (against_end), p(c) (softmax), or sigmoid(logit_c)."""
     if decoder.label_scores == "softmax":
         return probs[:NUM_LABELS]
+    if decoder.label_scores == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits[:NUM_LABELS]))
     return probs[:NUM_LABELS] / (probs[:NUM_LABELS] + probs[END])
 
 
 def _reference_greedy(decoder, image_features, min_label_score=0.0, log_prior=None):
     prefix, scores = [], np.zeros(NUM_LABELS)
     for step in range(decoder.max_length):
-        probs = _next_probs(decoder, image_features, prefix, log_prior)
-        scores = np.maximum(scores, _step_scores(decoder, probs))
+        probs, logits = _next_step(decoder, image_features, prefix, log_prior)
+        scores = np.maximum(scores, _step_scores(decoder, probs, logits))
         if step == decoder.max_length - 1:
             break  # the last step can only be END
         choice = probs.copy()
@@ -84,7 +86,7 @@ def _padded(labels, length):
     return labels + [-1] * (length - len(labels))
 
 
-@pytest.mark.parametrize("label_scores, image_logits", [("against_end", False), ("softmax", False), ("softmax", True)])
+@pytest.mark.parametrize("label_scores, image_logits", [("against_end", False), ("softmax", False), ("softmax", True), ("sigmoid", True)])
 @pytest.mark.parametrize("min_label_score", [0.0, 0.4])
 def test_greedy_matches_a_step_by_step_reference(min_label_score, label_scores, image_logits):
     decoder, features = _tiny_decoder(
@@ -121,15 +123,15 @@ def _brute_force(decoder, image_features, min_label_score=0.0, log_prior=None):
         for step, token in enumerate(sequence):
             prefix = tuple(sequence[:step])
             if prefix not in cache:
-                cache[prefix] = _next_probs(decoder, image_features, list(prefix), log_prior)
-            probs = cache[prefix]
+                cache[prefix] = _next_step(decoder, image_features, list(prefix), log_prior)
+            probs = cache[prefix][0]
             if token < NUM_LABELS and probs[token] < min_label_score:
                 legal = False
             log_prob += np.log(probs[token])
         if legal and log_prob > best_log_prob:
             best, best_log_prob = [t for t in sequence if t < NUM_LABELS], log_prob
-    for prefix, probs in cache.items():  # every open prefix is in an exhaustive beam
-        scores = np.maximum(scores, _step_scores(decoder, probs))
+    for probs, logits in cache.values():  # every open prefix is in an exhaustive beam
+        scores = np.maximum(scores, _step_scores(decoder, probs, logits))
     return best, scores
 
 
@@ -208,8 +210,8 @@ def _reference_beam(decoder, image_features, width):
                 candidates.append((log_prob, index * (NUM_LABELS + 1) + END, tokens, True))
                 continue
             labels = [t for t in tokens if t < NUM_LABELS]
-            probs = _next_probs(decoder, image_features, labels)
-            scores = np.maximum(scores, _step_scores(decoder, probs))
+            probs, logits = _next_step(decoder, image_features, labels)
+            scores = np.maximum(scores, _step_scores(decoder, probs, logits))
             for token in range(NUM_LABELS + 1):
                 if token in labels or (step == decoder.max_length - 1 and token != END):
                     continue
@@ -222,7 +224,7 @@ def _reference_beam(decoder, image_features, width):
     return [t for t in beams[0][0] if t < NUM_LABELS], scores
 
 
-@pytest.mark.parametrize("label_scores", ["against_end", "softmax"])
+@pytest.mark.parametrize("label_scores", ["against_end", "softmax", "sigmoid"])
 @pytest.mark.parametrize("width", [2, 3])
 def test_narrow_beam_matches_a_python_reference(width, label_scores):
     decoder, features = _tiny_decoder(max_length=4, seed=3, beam_width=width, label_scores=label_scores)

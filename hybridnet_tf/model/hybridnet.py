@@ -138,7 +138,8 @@ def build_model(
         pla_rule: `label_order="orderless"`: "paper" or "sorted" (see
             `losses.OrderlessSequenceLoss`).
         label_scores: decoder heads: each label's per-step score, "softmax"
-            (`p`, default) or "against_end" (`p / (p + p_END)`); see `LabelDecoder`.
+            (`p`, default), "against_end" (`p / (p + p_END)`) or "sigmoid"
+            (`sigmoid(logit)`); see `LabelDecoder`.
         image_logits: decoder heads: add a linear map of the pooled image
             feature to every step's label logits (`LabelDecoder`'s
             `image_logits`); the cached-feature recipe sets it from the

@@ -15,7 +15,7 @@ from hybridnet_tf.model.label_sequences import LABEL_ORDERS, end_id, start_id
 _MASKED_LOGIT = -1e4
 
 # How a decoding step scores each label (see `LabelDecoder`'s `label_scores`).
-LABEL_SCORES = ("against_end", "softmax")
+LABEL_SCORES = ("against_end", "sigmoid", "softmax")
 
 
 @keras.saving.register_keras_serializable(package="hybridnet_tf")
@@ -70,8 +70,11 @@ class LabelDecoder(keras.layers.Layer):
             `losses.OrderlessSequenceLoss`). Decoding ignores it.
         label_scores: how a step scores each label: "softmax", its softmax
             probability `p` (default), or "against_end", its probability
-            against END, `p / (p + p_END)` (`beam_search.label_vs_end`). A
-            label's score is the highest over the steps. On the coco128
+            against END, `p / (p + p_END)` (`beam_search.label_vs_end`), or
+            "sigmoid", the sigmoid of its own logit (with `image_logits`
+            set from a probe: the probe's logit plus the decoder's
+            correction, not shared with the other labels). A label's score
+            is the highest over the steps. On the coco128
             yardstick (docs/real_data.md) against_end ranked better (mAP)
             for a PLA-trained decoder, worse for a freq2rare one, and its
             first-step scores saturate near 1 (END is never the first
@@ -371,6 +374,11 @@ class LabelDecoder(keras.layers.Layer):
         """[N, L] one decoding step's label scores (`label_scores`)."""
         if self.label_scores == "against_end":
             return label_vs_end(logits, self.num_labels)
+        if self.label_scores == "sigmoid":
+            # The label's own logit, not shared with the other labels: with
+            # `image_logits` set from the probe this is the probe's logit
+            # plus the decoder's correction (masked repeats go to 0).
+            return tf.sigmoid(logits[:, : self.num_labels])
         return probs[:, : self.num_labels]
 
     def beam_decode(self, image_features, label_prior=None):
