@@ -80,10 +80,10 @@ def label_vs_end(logits, num_labels):
     above 0.5.
 
     Args:
-        logits: [N, L + 1] one step's logits (END last), masks included.
+        logits: [N, L + 1] one step's logits (END last), masks included; or [N, T, L + 1].
         num_labels: `L`.
     """
-    return tf.sigmoid(logits[:, :num_labels] - logits[:, num_labels : num_labels + 1])
+    return tf.sigmoid(logits[..., :num_labels] - logits[..., num_labels : num_labels + 1])
 
 
 def _tile_beams(tensor, beam_width):

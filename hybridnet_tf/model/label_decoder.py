@@ -6,7 +6,7 @@ import tensorflow as tf
 # Loaders import this module to register the custom layers before
 # `load_model(safe_mode=True)`; importing the sigmoid head's layers here
 # keeps that one import enough for every head.
-from hybridnet_tf.model import sigmoid_head  # noqa: F401
+from hybridnet_tf.model import folded_step, sigmoid_head  # noqa: F401
 from hybridnet_tf.model.beam_search import beam_search, label_vs_end
 from hybridnet_tf.model.label_sequences import LABEL_ORDERS, end_id, start_id
 
@@ -226,22 +226,43 @@ class LabelDecoder(keras.layers.Layer):
         log_prior = self.prior_weight * tf.math.log(tf.maximum(tf.cast(label_prior, tf.float32), 1e-6))
         return tf.concat([log_prior, tf.zeros_like(log_prior[:, :1])], axis=-1)
 
-    def _step_with_prior(self, token, state, context):
-        """`_step` on a `(context, log_prior)` pair: the logits plus the prior term."""
-        step_context, log_prior = context
-        logits, state = self._step(token, state, step_context)
-        return logits + log_prior, state
+    def _decoding_setup(self, image_features, label_prior):
+        """(GRU state before the first step, the step function, its context) for decoding.
 
-    def _decoding_step(self, context, label_prior):
-        """(step function, its context) for decoding: `_step`, or with a prior `_step_with_prior`.
-
-        The prior rides in the context, so beam search tiles it per beam
-        like the rest of the context.
+        The step is `folded_step.folded_step`: the same function as `_step`
+        (plus the prior's term), with what does not change between steps
+        computed here once. The context is a nest of [B, ...] tensors, so
+        beam search tiles it per beam: the view's per-image terms
+        (`_folded_context`) and the logit bias [B, L+1] (output bias,
+        `image_logits` term, prior).
         """
+        weights = self._folded_weights()
+        state, view = self._view_of_image(image_features)
+        logit_bias = weights["output_bias"] + tf.zeros_like(state[:, :1])
+        if self.image_to_labels is not None:
+            logit_bias += self._label_logits_of_image(self._pooled(image_features))
         log_prior = self._log_prior(label_prior)
-        if log_prior is None:
-            return self._step, context
-        return self._step_with_prior, (context, log_prior)
+        if log_prior is not None:
+            logit_bias += tf.cast(log_prior, logit_bias.dtype)
+
+        def step(token, state, context):
+            view_terms, logit_bias = context
+            gates, joint = self._folded_read(weights, state, view_terms)
+            return folded_step.folded_step(weights, token, state, gates, joint, logit_bias)
+
+        return state, step, (self._folded_context(weights, view), logit_bias)
+
+    def _folded_weights(self):
+        """The weight-only terms of the folded step (`folded_step.step_weights`), once per call."""
+        return folded_step.step_weights(self)
+
+    def _folded_context(self, weights, view):
+        """The per-image part of the folded step's context: here the context's GRU and joint terms."""
+        return folded_step.context_terms(weights, view)
+
+    def _folded_read(self, weights, state, view_terms):
+        """(GRU input term, joint term) of the context at one step; the pooled view's are fixed."""
+        return view_terms
 
     def _image_context(self, image_features):
         """(GRU state before the first step, the context every step reads).
@@ -311,7 +332,7 @@ class LabelDecoder(keras.layers.Layer):
         return logits
 
     def _start_decoding(self, image_features):
-        """The state before the first step: GRU state, step context, START tokens, masks."""
+        """The state before a self-fed run's first step: GRU state, step context, START tokens, masks."""
         state, context = self._image_context(image_features)
         batch = tf.shape(state)[0]
         token = tf.fill([batch], start_id(self.num_labels))
@@ -319,14 +340,6 @@ class LabelDecoder(keras.layers.Layer):
         emitted = tf.zeros([batch, self.num_labels], state.dtype)
         no_end_mask = tf.zeros([batch, 1], state.dtype)
         return state, context, token, finished, emitted, no_end_mask
-
-    def _end_only_mask(self, batch, dtype):
-        """[N, L+1] mask of every label: added at the last step, it leaves END as the only choice.
-
-        Training sequences hold at most `max_length - 1` labels, so the last
-        step is always END; forcing it keeps decoding within what was trained.
-        """
-        return tf.concat([tf.ones([batch, self.num_labels], dtype), tf.zeros([batch, 1], dtype)], -1)
 
     def _emit(self, token, emitted, finished):
         """Records the chosen tokens: which are new labels, the emitted set, who has ended."""
@@ -340,51 +353,65 @@ class LabelDecoder(keras.layers.Layer):
     def greedy_decode(self, image_features, label_prior=None):
         """Greedy decoding without repeats; see the class docstring for outputs."""
         num_labels = self.num_labels
-        state, context, token, finished, emitted, no_end_mask = self._start_decoding(image_features)
-        step, context = self._decoding_step(context, label_prior)
-        scores = tf.zeros_like(emitted)
-        label_ids = []
+        state, step, context = self._decoding_setup(image_features, label_prior)
+        batch = tf.shape(state)[0]
+        token = tf.fill([batch], start_id(num_labels))
+        # _MASKED_LOGIT at the labels already emitted (they cannot be emitted
+        # again), 0 elsewhere and at END: one add per step.
+        blocked = tf.zeros([batch, num_labels + 1], state.dtype)
+        # Whether the sequence is still open at this step: it emitted a label
+        # at every step before (a finished one emits -1 from its END on).
+        is_open = tf.ones([batch], tf.bool)
+        label_ids, all_logits, all_probs = [], [], []
         for index in range(self.max_length):  # static length: unrolled into the graph
             logits, state = step(token, state, context)
-            # A label already emitted cannot be emitted again.
-            repeat_mask = tf.concat([emitted, no_end_mask], axis=-1)
-            logits = logits + _MASKED_LOGIT * repeat_mask
+            logits = logits + blocked
             probs = tf.nn.softmax(logits, axis=-1)
-            active = 1.0 - tf.cast(finished, probs.dtype)
-            scores = tf.maximum(scores, self._step_scores(logits, probs) * active[:, None])
+            all_logits.append(logits)
+            all_probs.append(probs)
             if self.min_label_score > 0:
                 # Labels below the minimum cannot be chosen, so greedy stops
                 # (emits END) when the most likely label falls below it.
                 too_low = tf.cast(probs[:, :num_labels] < self.min_label_score, logits.dtype)
-                logits = logits + _MASKED_LOGIT * tf.concat([too_low, no_end_mask], axis=-1)
+                logits = logits + _MASKED_LOGIT * tf.pad(too_low, [[0, 0], [0, 1]])
             if index == self.max_length - 1:
-                logits = logits + _MASKED_LOGIT * self._end_only_mask(tf.shape(logits)[0], logits.dtype)
+                # Training sequences hold at most `max_length - 1` labels, so
+                # the last step is always END; forcing it keeps decoding
+                # within what was trained.
+                logits = logits + tf.constant([_MASKED_LOGIT] * num_labels + [0.0], logits.dtype)
             # tf.math.argmax, not keras.ops.argmax: the latter adds a BitwiseAnd op
             # that breaks builtins-only TFLite conversion (TF-TRAPS.md).
-            token = tf.cast(tf.math.argmax(logits, axis=-1), tf.int32)
-            is_label, emitted, finished = self._emit(token, emitted, finished)
-            label_ids.append(tf.where(is_label, token, -1))
+            token = tf.math.argmax(logits, axis=-1, output_type=tf.int32)
+            emitted_id = tf.where(tf.logical_and(is_open, token < num_labels), token, -1)
+            # one_hot of -1 is all zeros: only a newly emitted label is blocked.
+            blocked += tf.one_hot(emitted_id, num_labels + 1, on_value=_MASKED_LOGIT, off_value=0.0, dtype=blocked.dtype)
+            is_open = emitted_id >= 0
+            label_ids.append(emitted_id)
+        label_ids = tf.stack(label_ids, axis=1)
+        # A label's score: its highest step score over the open steps, up to
+        # and including the END step; scored once for all steps, not per step.
+        step_scores = self._step_scores(tf.stack(all_logits, axis=1), tf.stack(all_probs, axis=1))
+        was_open = tf.pad(tf.cast(label_ids[:, :-1] >= 0, step_scores.dtype), [[0, 0], [1, 0]], constant_values=1.0)
         return {
-            "scores": tf.cast(scores, tf.float32),
-            "label_ids": tf.stack(label_ids, axis=1),
-            "num_labels": tf.cast(tf.reduce_sum(emitted, axis=-1), tf.int32),
+            "scores": tf.cast(tf.reduce_max(step_scores * was_open[:, :, None], axis=1), tf.float32),
+            "label_ids": label_ids,
+            "num_labels": tf.reduce_sum(tf.cast(label_ids >= 0, tf.int32), axis=-1),
         }
 
     def _step_scores(self, logits, probs):
-        """[N, L] one decoding step's label scores (`label_scores`)."""
+        """[..., L] the label scores (`label_scores`) of decoding steps' logits and probs [..., L+1]."""
         if self.label_scores == "against_end":
             return label_vs_end(logits, self.num_labels)
         if self.label_scores == "sigmoid":
             # The label's own logit, not shared with the other labels: with
             # `image_logits` set from the probe this is the probe's logit
             # plus the decoder's correction (masked repeats go to 0).
-            return tf.sigmoid(logits[:, : self.num_labels])
-        return probs[:, : self.num_labels]
+            return tf.sigmoid(logits[..., : self.num_labels])
+        return probs[..., : self.num_labels]
 
     def beam_decode(self, image_features, label_prior=None):
         """Beam search of width `beam_width`; see `beam_search` for the rules."""
-        state, context = self._image_context(image_features)
-        step, context = self._decoding_step(context, label_prior)
+        state, step, context = self._decoding_setup(image_features, label_prior)
         return beam_search(
             step,
             state,
