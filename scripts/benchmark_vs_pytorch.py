@@ -31,7 +31,9 @@ work alike.
 Random pixels (0..255) and random multi-hot labels; the int8 calibration
 uses coco128 photos when they are there (`--calibration-dir`). Exports are
 written to `--export-dir` and reused when already there (export time is
-not what is measured; latency does not depend on the weight values).
+not what is measured; latency does not depend on the weight values). The
+folder's name holds a digest of the package's source, so a change to the
+model or export code gets new exports instead of timing stale ones.
 
 Run (repo root; torch is an optional benchmark dependency, CPU build):
     PYTHONPATH=. .venv/bin/python scripts/benchmark_vs_pytorch.py
@@ -166,8 +168,24 @@ def calibration_images(args):
     return np.stack([np.asarray(Image.open(f).convert("RGB").resize(size, Image.BILINEAR), "float32") for f in files])
 
 
+def source_digest():
+    """A short digest of the hybridnet_tf sources: exports of other code are not reused."""
+    import hashlib
+
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hybridnet_tf")
+    digest = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(package, "**", "*.py"), recursive=True)):
+        digest.update(os.path.relpath(path, package).encode())
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:10]
+
+
 def export_paths(args, name):
-    tag = f"{name.replace(' ', '_')}_{args.image_size}px_{args.num_labels}l_{args.weights}"
+    tag = (
+        f"{name.replace(' ', '_')}_{args.image_size}px_{args.num_labels}l_{args.weights}"
+        f"_ml{args.max_length}_{source_digest()}"
+    )
     directory = os.path.join(args.export_dir, tag)
     return {
         "saved_model": os.path.join(directory, "saved_model"),
