@@ -42,8 +42,10 @@ class LabelDecoder(keras.layers.Layer):
       `label_prior=p` ([B, L] probabilities, e.g. the `hybrid` head's
       sigmoid scores) and `prior_weight > 0`, every decoding step adds
       `prior_weight * log(p)` to the label logits (see `prior_weight`). The loop over
-      `max_length` steps is unrolled when traced, with a `GRUCell` and no
-      TensorArray, so it exports to SavedModel and to builtins-only TFLite.
+      `max_length` steps is unrolled when traced, with no TensorArray, so it
+      exports to SavedModel and to builtins-only TFLite. Each step is
+      `folded_step.folded_step`: the GRU cell's and the scoring's function
+      with the weight-only and per-image terms computed once per call.
       It returns a dict: `scores` [B, L] (each label's highest score, see
       `label_scores`, over the decoding steps up to and including the END step, and over
       the open beams), `label_ids` [B, max_length] (decoded labels in order,
