@@ -122,7 +122,9 @@ class AttentionLabelDecoder(LabelDecoder):
         dtype = self.compute_dtype
         weights["step_kernel"] = tf.cast(self.image_to_step.kernel, dtype)
         weights["step_bias"] = tf.cast(self.image_to_step.bias, dtype)
-        weights["terms_kernel"] = tf.concat([weights["context_kernel"], weights["context_joint_kernel"]], axis=1)
+        weights["terms_kernel"] = tf.concat(
+            [weights["context_kernel"], weights["context_joint_kernel"]], axis=1
+        )
         weights["terms_bias"] = tf.concat([weights["input_bias"], weights["joint_bias"]], axis=0)
         weights["query_kernel"] = tf.cast(self.attention_query.kernel, dtype)
         # The score layer's bias adds the same to every position, which the

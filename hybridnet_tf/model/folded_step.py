@@ -11,10 +11,11 @@ Here the same function is split by what it depends on:
 - the weights alone (once per call): every token's input term
   `embeddings @ W_x[:E]` [L+2, 3U] (so a step gathers one row instead of
   an embedding lookup, a concat and a matmul), the transposed candidates;
-- the image alone (once per image for the pooled decoder, once per step for
-  the attention decoder): the context's share of the GRU input and of the
-  joint projection, and the logit bias (output bias + `image_logits` term +
-  the decoding prior);
+- the image alone (once per image): the logit bias (output bias +
+  `image_logits` term + the decoding prior) and, for the pooled decoder,
+  the context's share of the GRU input and of the joint projection (the
+  attention decoder computes those per step from its read, and projects the
+  map's positions once per image instead, `AttentionLabelDecoder._folded_context`);
 - the step: the recurrent matmul, the gates, the joint ReLU and the scores.
 
 This is Keras' `GRUCell` (`reset_after=True`, the sigmoid / tanh

@@ -8,6 +8,7 @@ import tensorflow as tf
 # keeps that one import enough for every head.
 from hybridnet_tf.model import folded_step, sigmoid_head  # noqa: F401
 from hybridnet_tf.model.beam_search import beam_search, label_vs_end
+from hybridnet_tf.model.greedy_search import greedy_search
 from hybridnet_tf.model.label_sequences import LABEL_ORDERS, end_id, start_id
 
 # A large negative logit that removes a label from the softmax; finite so
@@ -353,52 +354,19 @@ class LabelDecoder(keras.layers.Layer):
         return is_label, emitted, finished
 
     def greedy_decode(self, image_features, label_prior=None):
-        """Greedy decoding without repeats; see the class docstring for outputs."""
-        num_labels = self.num_labels
+        """Greedy decoding without repeats (`greedy_search`); see the class docstring for outputs."""
         state, step, context = self._decoding_setup(image_features, label_prior)
-        batch = tf.shape(state)[0]
-        token = tf.fill([batch], start_id(num_labels))
-        # _MASKED_LOGIT at the labels already emitted (they cannot be emitted
-        # again), 0 elsewhere and at END: one add per step.
-        blocked = tf.zeros([batch, num_labels + 1], state.dtype)
-        # Whether the sequence is still open at this step: it emitted a label
-        # at every step before (a finished one emits -1 from its END on).
-        is_open = tf.ones([batch], tf.bool)
-        label_ids, all_logits, all_probs = [], [], []
-        for index in range(self.max_length):  # static length: unrolled into the graph
-            logits, state = step(token, state, context)
-            logits = logits + blocked
-            probs = tf.nn.softmax(logits, axis=-1)
-            all_logits.append(logits)
-            all_probs.append(probs)
-            if self.min_label_score > 0:
-                # Labels below the minimum cannot be chosen, so greedy stops
-                # (emits END) when the most likely label falls below it.
-                too_low = tf.cast(probs[:, :num_labels] < self.min_label_score, logits.dtype)
-                logits = logits + _MASKED_LOGIT * tf.pad(too_low, [[0, 0], [0, 1]])
-            if index == self.max_length - 1:
-                # Training sequences hold at most `max_length - 1` labels, so
-                # the last step is always END; forcing it keeps decoding
-                # within what was trained.
-                logits = logits + tf.constant([_MASKED_LOGIT] * num_labels + [0.0], logits.dtype)
-            # tf.math.argmax, not keras.ops.argmax: the latter adds a BitwiseAnd op
-            # that breaks builtins-only TFLite conversion (TF-TRAPS.md).
-            token = tf.math.argmax(logits, axis=-1, output_type=tf.int32)
-            emitted_id = tf.where(tf.logical_and(is_open, token < num_labels), token, -1)
-            # one_hot of -1 is all zeros: only a newly emitted label is blocked.
-            blocked += tf.one_hot(emitted_id, num_labels + 1, on_value=_MASKED_LOGIT, off_value=0.0, dtype=blocked.dtype)
-            is_open = emitted_id >= 0
-            label_ids.append(emitted_id)
-        label_ids = tf.stack(label_ids, axis=1)
-        # A label's score: its highest step score over the open steps, up to
-        # and including the END step; scored once for all steps, not per step.
-        step_scores = self._step_scores(tf.stack(all_logits, axis=1), tf.stack(all_probs, axis=1))
-        was_open = tf.pad(tf.cast(label_ids[:, :-1] >= 0, step_scores.dtype), [[0, 0], [1, 0]], constant_values=1.0)
-        return {
-            "scores": tf.cast(tf.reduce_max(step_scores * was_open[:, :, None], axis=1), tf.float32),
-            "label_ids": label_ids,
-            "num_labels": tf.reduce_sum(tf.cast(label_ids >= 0, tf.int32), axis=-1),
-        }
+        return greedy_search(
+            step,
+            state,
+            context,
+            num_labels=self.num_labels,
+            max_length=self.max_length,
+            start_token=start_id(self.num_labels),
+            min_label_score=self.min_label_score,
+            masked_logit=_MASKED_LOGIT,
+            step_scores=self._step_scores,
+        )
 
     def _step_scores(self, logits, probs):
         """[..., L] the label scores (`label_scores`) of decoding steps' logits and probs [..., L+1]."""
