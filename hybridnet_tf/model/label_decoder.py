@@ -355,8 +355,16 @@ class LabelDecoder(keras.layers.Layer):
 
     def greedy_decode(self, image_features, label_prior=None):
         """Greedy decoding without repeats (`greedy_search`); see the class docstring for outputs."""
+        return self._search(greedy_search, image_features, label_prior)
+
+    def beam_decode(self, image_features, label_prior=None):
+        """Beam search of width `beam_width`; see `beam_search` for the rules."""
+        return self._search(beam_search, image_features, label_prior, beam_width=self.beam_width)
+
+    def _search(self, search, image_features, label_prior, **options):
+        """Runs `greedy_search` or `beam_search` over the folded decoding step."""
         state, step, context = self._decoding_setup(image_features, label_prior)
-        return greedy_search(
+        return search(
             step,
             state,
             context,
@@ -366,6 +374,7 @@ class LabelDecoder(keras.layers.Layer):
             min_label_score=self.min_label_score,
             masked_logit=_MASKED_LOGIT,
             step_scores=self._step_scores,
+            **options,
         )
 
     def _step_scores(self, logits, probs):
@@ -378,22 +387,6 @@ class LabelDecoder(keras.layers.Layer):
             # plus the decoder's correction (masked repeats go to 0).
             return tf.sigmoid(logits[..., : self.num_labels])
         return probs[..., : self.num_labels]
-
-    def beam_decode(self, image_features, label_prior=None):
-        """Beam search of width `beam_width`; see `beam_search` for the rules."""
-        state, step, context = self._decoding_setup(image_features, label_prior)
-        return beam_search(
-            step,
-            state,
-            context,
-            num_labels=self.num_labels,
-            max_length=self.max_length,
-            beam_width=self.beam_width,
-            start_token=start_id(self.num_labels),
-            min_label_score=self.min_label_score,
-            masked_logit=_MASKED_LOGIT,
-            step_scores=self._step_scores,
-        )
 
     def self_fed_logits(self, image_features, training=None):
         """Masked logits [B, max_length, L+1] of a run fed with its own argmax tokens.
