@@ -22,6 +22,13 @@ With `--out`, every finished fold is written at once (`<out>.partial.json`);
 a rerun with the same arguments picks up from there, so an interrupted run
 loses at most the fold it was in.
 
+Training on 75 photos is sensitive to its seed: one fold's mAP can move by
+several points with `train.seed` alone. `--train-seeds 0,1,2` trains every
+head once per seed on each fold and counts the mean over seeds as the fold's
+figure; the JSON keeps each seed's numbers, and the table gains the seed
+spread (the mean over folds of the std over seeds) and each head's paired gap
+to the probe.
+
 `--set key=value` overrides config keys for every head (e.g.
 `--set train.epochs=3`); `--heads bce` runs one head; a head may carry its
 own overrides after colons, e.g. `--heads hybrid,hybrid:model.decoder=attention`. The JSON holds
@@ -152,6 +159,53 @@ def run_head(config, splits, test_part, run_dir):
     return row
 
 
+def mean_over_seeds(rows):
+    """One fold's row for a head trained with several seeds: each figure's mean, the seeds' rows kept."""
+    merged = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+    if len(rows) > 1:
+        merged["per_seed"] = rows
+    return merged
+
+
+def seed_spread(results, names, keys=("mAP", "decoded_OF1")):
+    """`{name: {key: mean over folds of the std over seeds}}` for heads trained with several seeds."""
+    spread = {}
+    for name in names:
+        per_fold = [fold[name]["per_seed"] for fold in results if "per_seed" in fold.get(name, {})]
+        if per_fold:
+            spread[name] = {key: float(np.mean([np.std([r[key] for r in rows]) for rows in per_fold]))
+                            for key in keys}
+    return spread
+
+
+def gaps_to_probe(results, names):
+    """Each head's paired per-fold gap to the probe: mAP against the probe's mAP, and its decoded
+    sets' OF1 against the probe's OF1 with tuned thresholds. `{name: {key: (mean, folds ahead)}}`."""
+    pairs = (("mAP", "mAP"), ("decoded_OF1", "tuned_OF1"))
+    gaps = {}
+    for name in names:
+        folds = [fold for fold in results if name in fold]
+        gaps[name] = {}
+        for key, probe_key in pairs:
+            if folds and key in folds[0][name] and probe_key in folds[0]["probe"]:
+                diffs = [fold[name][key] - fold["probe"][probe_key] for fold in folds]
+                gaps[name][key] = (float(np.mean(diffs)), int(sum(d > 0 for d in diffs)))
+    return gaps
+
+
+def gap_lines(results, heads, spread):
+    """Markdown lines: the paired gaps to the probe, and the seed spread where there is one."""
+    lines = ["", "| model | mAP - probe mAP (folds ahead) | set OF1 - probe OF1 tuned (folds ahead) "
+             "| seed spread: mAP / set OF1 |", "|---|---:|---:|---:|"]
+    for name, gap in gaps_to_probe(results, heads).items():
+        cells = [f"{100 * gap[key][0]:+.1f} ({gap[key][1]} of {len(results)})" if key in gap else "–"
+                 for key in ("mAP", "decoded_OF1")]
+        seeds = spread.get(name)
+        cells.append(f"{100 * seeds['mAP']:.1f} / {100 * seeds['decoded_OF1']:.1f}" if seeds else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def summarise(results, names):
     """`{name: {column: (mean, std)}}` over folds."""
     summary = {}
@@ -188,6 +242,9 @@ def main(argv=None):
     parser.add_argument("--heads", default="bce,hybrid_rnn,hybrid")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-seeds", default=None,
+                        help="comma-separated train.seed values; each head trains once per seed on every "
+                             "fold and the fold counts the mean (default: the config's train.seed)")
     parser.add_argument("--data", default=default_coco128(), help="the coco128 folder")
     parser.add_argument("--out", help="JSON file for every fold's numbers (a .md table is written beside it)")
     args = parser.parse_args(argv)
@@ -196,6 +253,7 @@ def main(argv=None):
     from hybridnet_tf.data.load_splits import files_splits
     base = load_config(args.config, args.set)
     heads = [h for h in args.heads.split(",") if h]
+    train_seeds = [int(v) for v in args.train_seeds.split(",") if v.strip()] if args.train_seeds else None
     images = load_coco128(args.data)
     print(f"coco128: {len(images)} labelled images, {len(images.vocabulary)} labels; {args.folds} folds")
     start = time.perf_counter()
@@ -205,7 +263,7 @@ def main(argv=None):
 
     results = []
     partial = os.path.splitext(args.out)[0] + ".partial.json" if args.out else None
-    run_key = {"argv": [args.config, args.set, heads, args.folds, args.seed]}
+    run_key = {"argv": [args.config, args.set, heads, args.folds, args.seed] + ([train_seeds] if train_seeds else [])}
     if partial and os.path.isfile(partial):
         with open(partial, encoding="utf-8") as f:
             saved = json.load(f)
@@ -216,15 +274,27 @@ def main(argv=None):
         if fold < len(results):
             continue
         splits = files_splits(train_part, val_part)
-        fold_result = {
-            "probe": run_probe(base, features, labels, index_of, splits.train, splits.val, test_part, args.seed)
-        }
-        print(f"fold {fold + 1}: probe mAP {fold_result['probe']['mAP']:.3f} (C={fold_result['probe']['C']})")
+        # With several train seeds the anchor is fitted once per seed as well: a head's own
+        # probe (train.probe_init) draws its C search folds from train.seed.
+        probe_rows = [
+            run_probe(base, features, labels, index_of, splits.train, splits.val, test_part, probe_seed)
+            for probe_seed in train_seeds or [args.seed]
+        ]
+        fold_result = {"probe": mean_over_seeds(probe_rows)}
+        chosen = ", ".join(f"{row['C']:g}" for row in probe_rows)
+        print(f"fold {fold + 1}: probe mAP {fold_result['probe']['mAP']:.3f} (C={chosen})")
         for head in heads:
             name, *overrides = head.split(":")
-            config = load_config(args.config, args.set + [f"model.head={name}"] + overrides)
-            with tempfile.TemporaryDirectory(prefix=f"yardstick_{name}_") as run_dir:
-                fold_result[head] = run_head(config, splits, test_part, run_dir)
+            rows = []
+            for train_seed in train_seeds or [None]:
+                seed_override = [] if train_seed is None else [f"train.seed={train_seed}"]
+                config = load_config(args.config, args.set + [f"model.head={name}"] + overrides + seed_override)
+                with tempfile.TemporaryDirectory(prefix=f"yardstick_{name}_") as run_dir:
+                    rows.append(run_head(config, splits, test_part, run_dir))
+                if train_seed is not None:
+                    print(f"fold {fold + 1}: {head}, train.seed {train_seed}: mAP {rows[-1]['mAP']:.3f}  "
+                          f"set OF1 {rows[-1]['decoded_OF1']:.3f}", flush=True)
+            fold_result[head] = mean_over_seeds(rows)
             row = fold_result[head]
             print(
                 f"fold {fold + 1}: {head} mAP {row['mAP']:.3f}  OF1@t {row['OF1']:.3f}  "
@@ -243,14 +313,18 @@ def main(argv=None):
     note = (
         f"Config {os.path.relpath(args.config, ROOT)}"
         + (f" with {' '.join(args.set)}" if args.set else "")
+        + (f"; each head trained with train.seed {', '.join(map(str, train_seeds))}, the fold's figure "
+           "the mean over seeds" if train_seeds else "")
         + f"; threshold t = {base['eval']['threshold']}; total wall time {total / 60:.1f} min."
     )
-    table = markdown_table(summary, args.folds, note)
+    spread = seed_spread(results, heads)
+    table = markdown_table(summary, args.folds, note) + "\n".join(gap_lines(results, heads, spread)) + "\n"
     print("\n" + table)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"config": base, "folds": results, "summary": summary, "seconds": total}, f, indent=1)
+            json.dump({"config": base, "folds": results, "summary": summary, "seed_spread": spread,
+                       "gaps_to_probe": gaps_to_probe(results, heads), "seconds": total}, f, indent=1)
         with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as f:
             f.write(table)
     return 0

@@ -1,0 +1,54 @@
+"""The yardstick's fold arithmetic: the mean over training seeds, their spread, the paired gaps to the probe."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def yardstick():
+    spec = importlib.util.spec_from_file_location(
+        "real_data_check", os.path.join(ROOT, "scripts", "real_data_check.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_fold_counts_the_mean_over_seeds_and_keeps_each_seed(yardstick):
+    rows = [{"mAP": 0.40, "decoded_OF1": 0.30}, {"mAP": 0.50, "decoded_OF1": 0.20}]
+    merged = yardstick.mean_over_seeds(rows)
+    assert merged["mAP"] == pytest.approx(0.45)
+    assert merged["decoded_OF1"] == pytest.approx(0.25)
+    assert merged["per_seed"] == rows
+    # One seed: the row itself, nothing to keep beside it.
+    assert yardstick.mean_over_seeds(rows[:1]) == rows[0]
+
+
+def test_seed_spread_is_the_mean_over_folds_of_the_std_over_seeds(yardstick):
+    fold = lambda maps: {"rnn": yardstick.mean_over_seeds(  # noqa: E731
+        [{"mAP": m, "decoded_OF1": 0.3} for m in maps])}
+    results = [fold([0.4, 0.6]), fold([0.5, 0.5])]
+    spread = yardstick.seed_spread(results, ["rnn"])
+    assert spread["rnn"]["mAP"] == pytest.approx(np.mean([0.1, 0.0]))
+    assert spread["rnn"]["decoded_OF1"] == pytest.approx(0.0)
+    # A head trained with one seed has no spread to report.
+    assert yardstick.seed_spread([{"rnn": {"mAP": 0.5, "decoded_OF1": 0.3}}], ["rnn"]) == {}
+
+
+def test_gaps_to_probe_pair_each_fold_with_its_own_probe(yardstick):
+    results = [
+        {"probe": {"mAP": 0.50, "tuned_OF1": 0.30}, "rnn": {"mAP": 0.45, "decoded_OF1": 0.35}},
+        {"probe": {"mAP": 0.40, "tuned_OF1": 0.20}, "rnn": {"mAP": 0.42, "decoded_OF1": 0.18}},
+    ]
+    gaps = yardstick.gaps_to_probe(results, ["rnn"])["rnn"]
+    assert gaps["mAP"][0] == pytest.approx((-0.05 + 0.02) / 2)
+    assert gaps["mAP"][1] == 1
+    assert gaps["decoded_OF1"][0] == pytest.approx((0.05 - 0.02) / 2)
+    assert gaps["decoded_OF1"][1] == 1
+    lines = yardstick.gap_lines(results, ["rnn"], {})
+    assert "| rnn | -1.5 (1 of 2) | +1.5 (1 of 2) | – |" in lines
