@@ -193,12 +193,12 @@ def gaps_to_probe(results, names):
     return gaps
 
 
-def gap_lines(results, heads, spread):
-    """Markdown lines: the paired gaps to the probe, and the seed spread where there is one."""
+def gap_lines(gaps, num_folds, spread):
+    """Markdown lines: the paired gaps to the probe (`gaps_to_probe`), and the seed spread where there is one."""
     lines = ["", "| model | mAP - probe mAP (folds ahead) | set OF1 - probe OF1 tuned (folds ahead) "
              "| seed spread: mAP / set OF1 |", "|---|---:|---:|---:|"]
-    for name, gap in gaps_to_probe(results, heads).items():
-        cells = [f"{100 * gap[key][0]:+.1f} ({gap[key][1]} of {len(results)})" if key in gap else "–"
+    for name, gap in gaps.items():
+        cells = [f"{100 * gap[key][0]:+.1f} ({gap[key][1]} of {num_folds})" if key in gap else "–"
                  for key in ("mAP", "decoded_OF1")]
         seeds = spread.get(name)
         cells.append(f"{100 * seeds['mAP']:.1f} / {100 * seeds['decoded_OF1']:.1f}" if seeds else "–")
@@ -317,14 +317,14 @@ def main(argv=None):
            "the mean over seeds" if train_seeds else "")
         + f"; threshold t = {base['eval']['threshold']}; total wall time {total / 60:.1f} min."
     )
-    spread = seed_spread(results, heads)
-    table = markdown_table(summary, args.folds, note) + "\n".join(gap_lines(results, heads, spread)) + "\n"
+    spread, gaps = seed_spread(results, heads), gaps_to_probe(results, heads)
+    table = markdown_table(summary, args.folds, note) + "\n".join(gap_lines(gaps, len(results), spread)) + "\n"
     print("\n" + table)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"config": base, "folds": results, "summary": summary, "seed_spread": spread,
-                       "gaps_to_probe": gaps_to_probe(results, heads), "seconds": total}, f, indent=1)
+                       "gaps_to_probe": gaps, "seconds": total}, f, indent=1)
         with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as f:
             f.write(table)
     return 0

@@ -50,5 +50,5 @@ def test_gaps_to_probe_pair_each_fold_with_its_own_probe(yardstick):
     assert gaps["mAP"][1] == 1
     assert gaps["decoded_OF1"][0] == pytest.approx((0.05 - 0.02) / 2)
     assert gaps["decoded_OF1"][1] == 1
-    lines = yardstick.gap_lines(results, ["rnn"], {})
+    lines = yardstick.gap_lines(yardstick.gaps_to_probe(results, ["rnn"]), len(results), {})
     assert "| rnn | -1.5 (1 of 2) | +1.5 (1 of 2) | – |" in lines
