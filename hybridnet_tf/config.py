@@ -94,6 +94,10 @@ DEFAULTS = {
         # decoder heads: pooled (the pooled image feature at every step) | attention
         # (attends over the backbone's spatial map at every step; attention_decoder.py)
         "decoder": "pooled",
+        # decoder heads: K decoders trained side by side and decoded together
+        # (each step: the mean of their log-softmax; decoder_ensemble.py); on
+        # small data a decoder's random start moves its label sets a lot
+        "decoders": 1,
         "attention_units": 128,
         "attention_gate": False,
         # decoding: 1 = greedy; labels below min_label_score are not emitted

@@ -1,4 +1,5 @@
-"""The attention decoder exports like the pooled one: SavedModel and builtins-only TFLite, with parity."""
+"""The attention decoder and a two-decoder ensemble export like the pooled decoder: SavedModel and
+builtins-only TFLite, with parity."""
 
 import numpy as np
 import pytest
@@ -11,9 +12,16 @@ from hybridnet_tf.model.hybridnet import build_model
 SIZE = 32
 
 
-@pytest.fixture(scope="module")
-def attention_model(tmp_path_factory):
-    """A hybrid attention model fitted for 40 steps on 32x32 demo scenes (as test_export's pooled one).
+# The decoders under test besides test_export's one pooled decoder.
+DECODERS = {
+    "attention": dict(decoder="attention", attention_gate=True),
+    "two_decoders": dict(decoder="pooled", decoders=2),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(DECODERS))
+def attention_model(tmp_path_factory, request):
+    """A hybrid model with `DECODERS[param]`, fitted for 40 steps on 32x32 demo scenes (as test_export's).
 
     Random weights decode the same set for every image; a short fit makes
     the decoded sets differ, so label parity means something.
@@ -32,7 +40,7 @@ def attention_model(tmp_path_factory):
     splits = load_splits(config["data"])
     vocabulary = splits.vocabulary
     keras.utils.set_random_seed(0)
-    model = build_model(len(vocabulary), head="hybrid", decoder="attention", attention_gate=True,
+    model = build_model(len(vocabulary), head="hybrid", **DECODERS[request.param],
                         image_size=SIZE, gru_units=32, embedding_dim=16, attention_units=16, dropout=0.0,
                         beam_width=2)
     for layer in model.get_layer("image_encoder").get_layer("backbone").get_layer("small_cnn").layers:

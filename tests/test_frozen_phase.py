@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from hybridnet_tf.evaluation.metrics import mean_average_precision
+from hybridnet_tf.model.decoder_ensemble import decoder_members
 from hybridnet_tf.model.hybridnet import (
     IMAGE_ENCODER,
     LABEL_DECODER,
@@ -225,22 +226,28 @@ def test_cached_frozen_phase_keeps_the_probe_head_and_trains_the_decoder(tmp_pat
     assert not [t for t in events.Tags()["tensors"] if t.startswith("val_examples/")]
 
 
-@pytest.mark.parametrize("head", ["hybrid_rnn", "hybrid"])
-def test_cached_frozen_phase_sets_the_decoders_image_logits_from_the_probe(tmp_path, capsys, monkeypatch, head):
+@pytest.mark.parametrize("head, decoders", [("hybrid_rnn", 1), ("hybrid", 1), ("hybrid", 2)])
+def test_cached_frozen_phase_sets_the_decoders_image_logits_from_the_probe(tmp_path, capsys, monkeypatch, head,
+                                                                           decoders):
     probes = _recorded_probes(monkeypatch, "set_decoder_image_logits")
-    model = build_model(4, head=head, image_logits=True, **SMALL)
+    model = build_model(4, head=head, image_logits=True, decoders=decoders, **SMALL)
+    members_before = [[w.numpy().copy() for w in m.gru.weights] for m in decoder_members(model.get_layer(LABEL_DECODER))]
     _cached_frozen_run(model, tmp_path, epochs=1, frozen_steps=10)
     out = capsys.readouterr().out
     assert "decoder's image logits set by a linear probe" in out
     assert ("sigmoid head and decoder's" in out) == (head == "hybrid")
     (probe,) = probes
     assert np.abs(probe.kernel).max() > 0  # a real fit, not the zero start
-    image_path = model.get_layer(LABEL_DECODER).image_to_labels
-    np.testing.assert_array_equal(image_path.kernel.numpy(), probe.kernel)  # fixed while the decoder trained
-    np.testing.assert_array_equal(image_path.bias.numpy(), probe.bias)
-    assert image_path.trainable  # trainable again for a later phase
     best = keras.models.load_model(tmp_path / "best.keras", safe_mode=True)
-    np.testing.assert_array_equal(best.get_layer(LABEL_DECODER).image_to_labels.kernel.numpy(), probe.kernel)
+    members = decoder_members(model.get_layer(LABEL_DECODER))
+    assert len(members) == decoders
+    for member, best_member, before in zip(members, decoder_members(best.get_layer(LABEL_DECODER)), members_before):
+        image_path = member.image_to_labels
+        np.testing.assert_array_equal(image_path.kernel.numpy(), probe.kernel)  # fixed while the decoder trained
+        np.testing.assert_array_equal(image_path.bias.numpy(), probe.bias)
+        assert image_path.trainable  # trainable again for a later phase
+        np.testing.assert_array_equal(best_member.image_to_labels.kernel.numpy(), probe.kernel)
+        assert not np.allclose(before[0], member.gru.weights[0].numpy())  # every member trained
 
 
 def test_phases_are_lengthened_to_their_minimum_steps():

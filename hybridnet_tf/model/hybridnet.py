@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from hybridnet_tf.model.attention_decoder import AttentionLabelDecoder
 from hybridnet_tf.model.backbones import BACKBONES, build_backbone
+from hybridnet_tf.model.decoder_ensemble import DecoderEnsemble, PerDecoderLoss, decoder_members
 from hybridnet_tf.model.label_decoder import LabelDecoder
 from hybridnet_tf.model.label_sequences import (
     LABEL_ORDERS,
@@ -86,6 +87,7 @@ def build_model(
     hub_preset=None,
     sigmoid_fusion=0.0,
     image_logits=True,
+    decoders=1,
 ):
     """Builds the HybridNet inference model.
 
@@ -144,6 +146,9 @@ def build_model(
             feature to every step's label logits (`LabelDecoder`'s
             `image_logits`); the cached-feature recipe sets it from the
             linear probe.
+        decoders: decoder heads: how many decoders of this configuration
+            train side by side and decode jointly (`decoder_ensemble.DecoderEnsemble`);
+            1 (default) is one `LabelDecoder`.
         label_threshold: `bce` head: the score a label needs to be in the
             label set (`eval.threshold`; per-label tuned thresholds replace it
             after training, `set_label_thresholds`).
@@ -168,6 +173,8 @@ def build_model(
         raise ValueError(f"unknown label_order {label_order!r}; choose one of {list(LABEL_ORDERS)}")
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; choose one of {list(DECODERS)}")
+    if decoders < 1:
+        raise ValueError(f"decoders must be >= 1, got {decoders}")
     if sigmoid_loss not in SIGMOID_LOSSES:
         raise ValueError(f"unknown sigmoid_loss {sigmoid_loss!r}; choose one of {list(SIGMOID_LOSSES)}")
     backbone_model = build_backbone(backbone, image_size, weights=weights, hub_preset=hub_preset)
@@ -194,9 +201,9 @@ def build_model(
         if attends:
             decoder_class = AttentionLabelDecoder
             extra = {"attention_units": attention_units, "attention_gate": attention_gate}
-        head_layers[LABEL_DECODER] = decoder_class(
-            num_labels,
-            max_length,
+        decoder_config = dict(
+            num_labels=num_labels,
+            max_length=max_length,
             embedding_dim=embedding_dim,
             units=gru_units,
             dropout=dropout,
@@ -210,9 +217,14 @@ def build_model(
             image_logits=image_logits,
             # Probabilities and the GRU stay float32 under mixed precision.
             dtype="float32",
-            name=LABEL_DECODER,
             **extra,
         )
+        if decoders == 1:
+            head_layers[LABEL_DECODER] = decoder_class(**decoder_config, name=LABEL_DECODER)
+        else:
+            head_layers[LABEL_DECODER] = DecoderEnsemble(
+                decoders, decoder_config, attention=attends, dtype="float32", name=LABEL_DECODER
+            )
     if head in ("bce", "hybrid"):
         head_layers[SIGMOID_HEAD] = SigmoidLabelHead(
             num_labels,
@@ -294,7 +306,9 @@ def feature_dim(model):
 
 def model_decoder(model):
     """"attention" when `model`'s decoder attends over the spatial map, else "pooled"."""
-    return "attention" if isinstance(layer_or_none(model, LABEL_DECODER), AttentionLabelDecoder) else "pooled"
+    decoder = layer_or_none(model, LABEL_DECODER)
+    attends = decoder is not None and isinstance(decoder_members(decoder)[0], AttentionLabelDecoder)
+    return "attention" if attends else "pooled"
 
 
 def head_input_shape(model):
@@ -440,7 +454,8 @@ def training_loss(model):
 
     - `sequence`: a masked softmax cross-entropy over the label sequence
       (padding after END ignored, mean over the real steps); against
-      PLA-aligned targets for `label_order="orderless"`.
+      PLA-aligned targets for `label_order="orderless"`; with several
+      decoders (`decoders`), the mean of each one's loss (`PerDecoderLoss`).
     - `labels`: BCE or ASL of the sigmoid head, times its `loss_weight`
       (`aux_loss_weight` of the `hybrid` head).
     Keras adds the two.
@@ -448,12 +463,16 @@ def training_loss(model):
     head = model_head(model)
     losses = {}
     if head in ("hybrid_rnn", "hybrid"):
-        if model.get_layer(LABEL_DECODER).label_order == "orderless":
-            losses[SEQUENCE] = OrderlessSequenceLoss(model.get_layer(LABEL_DECODER).pla_rule)
+        decoder = model.get_layer(LABEL_DECODER)
+        if decoder.label_order == "orderless":
+            losses[SEQUENCE] = OrderlessSequenceLoss(decoder.pla_rule)
         else:
             losses[SEQUENCE] = keras.losses.SparseCategoricalCrossentropy(
                 from_logits=True, ignore_class=-1
             )
+        if isinstance(decoder, DecoderEnsemble):
+            # Each member's loss on its own logits, averaged.
+            losses[SEQUENCE] = PerDecoderLoss(losses[SEQUENCE], decoder.num_decoders)
     if head in ("bce", "hybrid"):
         layer = model.get_layer(SIGMOID_HEAD)
         losses[LABELS] = sigmoid_loss(

@@ -448,6 +448,6 @@ class LabelDecoder(keras.layers.Layer):
         return config
 
 
-# Registers the attention decoder too, so this one import is enough for loaders
-# (at the end: that module subclasses LabelDecoder).
-from hybridnet_tf.model import attention_decoder  # noqa: E402,F401
+# Registers the attention decoder and the decoder ensemble too, so this one
+# import is enough for loaders (at the end: those modules use LabelDecoder).
+from hybridnet_tf.model import attention_decoder, decoder_ensemble  # noqa: E402,F401

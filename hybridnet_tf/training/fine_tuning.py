@@ -23,6 +23,7 @@ import time
 
 import keras
 
+from hybridnet_tf.model.decoder_ensemble import decoder_members
 from hybridnet_tf.model.hybridnet import IMAGE_ENCODER, LABEL_DECODER, SIGMOID_HEAD, layer_or_none
 from hybridnet_tf.training import distribution
 from hybridnet_tf.training.settings import Checkpointing, Optimization, PhaseSchedule
@@ -276,7 +277,8 @@ def _frozen_phase(model, epochs, steps_per_epoch, optimization, schedule, common
     # The layers a probe sets; they stay fixed while the decoder trains.
     probe_layers = []
     if feature_cache.probe_init:
-        probe_layers = [layer for layer in (sigmoid_head, getattr(decoder, "image_to_labels", None))
+        members = decoder_members(decoder) if decoder is not None else []
+        probe_layers = [layer for layer in [sigmoid_head] + [getattr(m, "image_to_labels", None) for m in members]
                         if layer is not None]
     if probe_layers:
         _set_from_probe(model, train_features, feature_cache.seed or 0)
@@ -323,7 +325,8 @@ def _set_from_probe(model, train_features, seed):
     if layer_or_none(model, SIGMOID_HEAD) is not None:
         set_sigmoid_head(model, probe)
         targets.append("sigmoid head")
-    if getattr(layer_or_none(model, LABEL_DECODER), "image_to_labels", None) is not None:
+    decoder = layer_or_none(model, LABEL_DECODER)
+    if decoder is not None and getattr(decoder_members(decoder)[0], "image_to_labels", None) is not None:
         set_decoder_image_logits(model, probe)
         targets.append("decoder's image logits")
     print(f"phase 1: {' and '.join(targets)} set by a linear probe (logistic regression, C={probe.c:g}) "

@@ -115,9 +115,12 @@ def set_sigmoid_head(model, probe):
 
 
 def set_decoder_image_logits(model, probe):
-    """Copies a `LinearProbe` into the label decoder's `image_to_labels` (decoder `image_logits`)."""
+    """Copies a `LinearProbe` into the label decoder's `image_to_labels` (decoder `image_logits`);
+    into every member's of a decoder ensemble."""
+    from hybridnet_tf.model.decoder_ensemble import decoder_members
     from hybridnet_tf.model.hybridnet import LABEL_DECODER
 
-    dense = model.get_layer(LABEL_DECODER).image_to_labels
-    dense.kernel.assign(probe.kernel.astype(dense.kernel.dtype))
-    dense.bias.assign(probe.bias.astype(dense.bias.dtype))
+    for decoder in decoder_members(model.get_layer(LABEL_DECODER)):
+        dense = decoder.image_to_labels
+        dense.kernel.assign(probe.kernel.astype(dense.kernel.dtype))
+        dense.bias.assign(probe.bias.astype(dense.bias.dtype))
