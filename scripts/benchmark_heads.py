@@ -19,6 +19,10 @@ backbone's spatial map at every step): 1.15x, 1.15x, 1.35x.
 Run:
     PYTHONPATH=. python scripts/benchmark_heads.py
     PYTHONPATH=. python scripts/benchmark_heads.py --backbone efficientnet_lite0 --decoder attention
+    PYTHONPATH=. python scripts/benchmark_heads.py --backbone efficientnet_lite0 --decoders 3
+
+The targets are for one decoder; `--decoders K` shows what K decoders decoded
+jointly (`model.decoders`) cost against the same BCE head.
 """
 
 import argparse
@@ -43,6 +47,8 @@ def parse_args():
     parser.add_argument("--train-steps", type=int, default=2, help="timed train steps per round")
     parser.add_argument("--infer-calls", type=int, default=4, help="timed inference calls per round")
     parser.add_argument("--decoder", default="pooled", choices=sorted(TARGETS))
+    parser.add_argument("--decoders", type=int, default=1,
+                        help="model.decoders of the decoder models (K decoders decoded jointly)")
     parser.add_argument("--extras", action="store_true", help="also time a teacher-forced (freq2rare) and a hybrid training step")
     return parser.parse_args()
 
@@ -71,7 +77,7 @@ def main():
     common = dict(backbone=args.backbone, image_size=args.image_size, weights=None,
                   max_length=args.max_length)
 
-    decoding = dict(common, decoder=args.decoder)
+    decoding = dict(common, decoder=args.decoder, decoders=args.decoders)
     models = {
         "bce": build_model(args.num_labels, head="bce", **common),
         "hybrid_rnn": build_model(args.num_labels, head="hybrid_rnn", **decoding),
@@ -170,7 +176,7 @@ def main():
     median = {name: float(np.median(t)) for name, t in times.items()}
     print(
         f"\n{args.backbone} (weights=None), {args.image_size} px, batch {args.batch_size}, "
-        f"{args.num_labels} labels, max_length {args.max_length}, {args.decoder} decoder, CPU, "
+        f"{args.num_labels} labels, max_length {args.max_length}, {args.decoder} decoder x {args.decoders}, CPU, "
         f"{args.rounds} rounds\n"
     )
     print("| measurement | s (min) | ratio to BCE (min) | ratio to BCE (median) | target |")

@@ -40,6 +40,7 @@ VARIANTS = {
     "rnn attention": {"head": "hybrid_rnn", "decoder": "attention"},
     "hybrid freq2rare": {"head": "hybrid", "label_order": "freq2rare"},
     "hybrid freq2rare + ASL": {"head": "hybrid", "label_order": "freq2rare", "sigmoid_loss": "asl"},
+    "hybrid freq2rare, 3 decoders": {"head": "hybrid", "label_order": "freq2rare", "decoders": 3},
     "hybrid attention": {"head": "hybrid", "label_order": "freq2rare", "decoder": "attention"},
     "hybrid orderless": {"head": "hybrid", "label_order": "orderless"},
     "hybrid attention orderless": {"head": "hybrid", "label_order": "orderless", "decoder": "attention"},
