@@ -149,3 +149,21 @@ def test_the_probe_sets_every_members_image_logits():
     for member in decoder_members(model.get_layer(LABEL_DECODER)):
         np.testing.assert_array_equal(member.image_to_labels.kernel.numpy(), probe.kernel)
         np.testing.assert_array_equal(member.image_to_labels.bias.numpy(), probe.bias)
+
+
+def test_attention_maps_of_an_ensemble_are_the_mean_of_its_members():
+    from hybridnet_tf.model.hybridnet import IMAGE_ENCODER, with_attention_output
+
+    model = build_model(4, head="hybrid", decoders=2, decoder="attention", image_size=32, gru_units=16,
+                        embedding_dim=8, attention_units=8)
+    rng = np.random.default_rng(1)
+    for member in decoder_members(model.get_layer(LABEL_DECODER)):  # the attention starts uniform: stir it
+        member.set_weights([rng.normal(0.0, 0.5, w.shape).astype(np.float32) for w in member.get_weights()])
+    images = rng.uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    outputs = with_attention_output(model)(images)
+    feature_map = model.get_layer(IMAGE_ENCODER)(images)[1]
+    members = [m.attention_maps(feature_map, outputs["label_ids"]).numpy()
+               for m in decoder_members(model.get_layer(LABEL_DECODER))]
+    assert np.abs(members[0] - members[1]).max() > 1e-4  # the members look at different places
+    np.testing.assert_allclose(outputs["attention"].numpy(), np.mean(members, axis=0), atol=1e-6)
+    np.testing.assert_allclose(outputs["attention"].numpy().sum(axis=(2, 3)), 1.0, atol=1e-5)

@@ -78,7 +78,6 @@ class DecoderEnsemble(keras.layers.Layer):
             decoder_config.pop(key, None)
         decoder_config.setdefault("dtype", self.dtype_policy)
         self.num_decoders = num_decoders
-        self.decoder_config = decoder_config
         self.attention = bool(attention)
         self.label_scores = label_scores
         member_class = attention_decoder.AttentionLabelDecoder if self.attention else LabelDecoder
