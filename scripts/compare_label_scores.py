@@ -2,7 +2,8 @@
 
 `model.label_scores` decides how a decoding step scores each label:
 `softmax` (its probability p), `against_end` (p / (p + p_END)) or
-`sigmoid` (sigmoid of its own logit). The rule
+`sigmoid` (sigmoid of its own logit; with `model.decoders: K`, of the mean
+of the K decoders' logits). The rule
 does not change training or the decoded label sets, only `scores`, so both
 are all measured on the same weights: for each fold of `real_data_check.py`
 (same folds, config and val split) a decoder head is trained once, then its
@@ -64,10 +65,7 @@ def main(argv=None):
     from hybridnet_tf.experiment import as_dataset, train_on_splits
 
     config = load_config(args.config, args.set + [f"model.head={args.head}"])
-    # Decoders decoded jointly have no per-decoder logit to take the sigmoid of.
-    rules = RULES if config["model"]["decoders"] == 1 else tuple(r for r in RULES if r != "sigmoid")
-    if rules != RULES:
-        print(f"model.decoders={config['model']['decoders']}: the sigmoid rule is left out (one decoder's own logit)")
+    rules = RULES
     images = yardstick.load_coco128(yardstick.default_coco128())
     results = {rule: [] for rule in rules}
     batch = config["eval"]["batch_size"]

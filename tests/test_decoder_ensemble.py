@@ -62,6 +62,29 @@ def test_joint_greedy_matches_a_step_by_step_reference():
     assert len(joint_sets) >= 3
 
 
+def test_sigmoid_scores_are_the_sigmoid_of_the_members_mean_logit():
+    decoders = [_tiny_decoder(max_length=4, seed=seed, label_scores="sigmoid")[0] for seed in (0, 1, 2)]
+    _, features = _tiny_decoder(max_length=4, seed=7)
+    ensemble = _ensemble_of(decoders)
+    out = ensemble(features)
+    softmax_out = _ensemble_of(decoders, label_scores="softmax")(features)
+    # Only the scores change with the rule; the decoded sets are the joint softmax's.
+    np.testing.assert_array_equal(out["label_ids"], softmax_out["label_ids"])
+    differs = 0
+    for row, image_features in enumerate(features.numpy()):
+        labels = [int(t) for t in out["label_ids"][row].numpy() if t >= 0]
+        expected = np.zeros(NUM_LABELS)
+        # The steps up to and including END (or the last step), masked repeats at sigmoid(-1e4) = 0.
+        for step in range(min(len(labels) + 1, 4)):
+            mean_logits = np.mean([_next_step(d, image_features, labels[:step])[1] for d in decoders], axis=0)
+            expected = np.maximum(expected, 1.0 / (1.0 + np.exp(-mean_logits[:NUM_LABELS])))
+        np.testing.assert_allclose(out["scores"][row].numpy(), expected, atol=1e-5)
+        # Not the mean of the members' own sigmoid scores, nor any member's logit alone.
+        single = 1.0 / (1.0 + np.exp(-_next_step(decoders[0], image_features, [])[1][:NUM_LABELS]))
+        differs += int(np.abs(single - expected).max() > 1e-3)
+    assert differs >= 6
+
+
 @pytest.mark.parametrize("beam_width", [1, 3])
 def test_one_member_or_identical_members_decode_as_the_decoder(beam_width):
     decoder, features = _tiny_decoder(max_length=4, seed=3, label_scores="against_end", beam_width=beam_width)
@@ -97,8 +120,8 @@ def test_argument_checks_and_config_round_trip():
     config = {"num_labels": 5, "max_length": 4, "embedding_dim": 6, "units": 8}
     with pytest.raises(ValueError, match="num_decoders"):
         DecoderEnsemble(0, config)
-    with pytest.raises(ValueError, match="sigmoid.*cannot be read"):
-        DecoderEnsemble(2, {**config, "label_scores": "sigmoid"})
+    with pytest.raises(ValueError, match="unknown label_scores"):
+        DecoderEnsemble(2, {**config, "label_scores": "logit"})
     with pytest.raises(ValueError, match="decoders must be >= 1"):
         build_model(5, image_size=32, decoders=0)
     ensemble = DecoderEnsemble(3, {**config, "beam_width": 2}, label_scores="against_end")

@@ -4,9 +4,13 @@ On 75 training photos a decoder fits its training label sets within its
 first epoch, and what it has learnt then depends on its random start
 (docs/real_data.md: a training seed alone moves a coco128 fold's set OF1
 by 2.5 points). Decoding several decoders jointly averages that away: each
-step's next-token log-probabilities are the mean of the members'
-log-softmax (a product of experts, renormalised by the search), so the
-search picks one label set that all members find likely.
+joint step's logits are the mean of the members' logits. Their softmax is
+the normalised product of the members' distributions (a product of
+experts: the mean of the members' log-softmax differs from the mean logit
+only by one constant per step, which softmax, argmax and the beam's
+log-softmax ignore), so the search picks one label set that all members
+find likely, and a label's own joint logit, the mean of the members', is
+there for `label_scores: sigmoid`.
 
 Training: every member runs its own teacher-forced or self-fed pass, so
 each gets its own PLA targets from its own predictions; the loss is the
@@ -21,9 +25,9 @@ import tensorflow as tf
 # The module, not the class: label_decoder imports this module at its end,
 # possibly while attention_decoder is still being imported.
 from hybridnet_tf.model import attention_decoder
-from hybridnet_tf.model.beam_search import beam_search, label_vs_end
+from hybridnet_tf.model.beam_search import beam_search
 from hybridnet_tf.model.greedy_search import greedy_search
-from hybridnet_tf.model.label_decoder import _MASKED_LOGIT, LabelDecoder
+from hybridnet_tf.model.label_decoder import _MASKED_LOGIT, LabelDecoder, step_label_scores
 from hybridnet_tf.model.label_sequences import start_id
 
 # The member options a caller may read from the ensemble as from one decoder.
@@ -40,8 +44,9 @@ class DecoderEnsemble(keras.layers.Layer):
       (`PerDecoderLoss` trains on them).
     - `ensemble(features)` decodes the members jointly, greedily or with
       beam search (`beam_width`), into the same dict as `LabelDecoder`:
-      each step's log-probabilities are the mean of the members'
-      log-softmax. With one member this is that decoder's decoding.
+      each step's logits are the mean of the members' logits, whose softmax
+      is the renormalised mean of their log-softmax. With one member this is
+      that decoder's decoding.
     - `ensemble(feature_map, attention_for=label_ids)` (attention members):
       the mean of the members' attention maps.
 
@@ -51,10 +56,11 @@ class DecoderEnsemble(keras.layers.Layer):
             or `AttentionLabelDecoder`'s with `attention`). Members differ in
             their random initial weights and dropout masks only.
         attention: members are `AttentionLabelDecoder`s.
-        label_scores: "softmax" (the joint step's probability) or
-            "against_end" (`p / (p + p_END)` of it). "sigmoid" reads one
-            decoder's own logit, which the mean of log-softmax does not have,
-            so it is refused.
+        label_scores: "softmax" (the joint step's probability),
+            "against_end" (`p / (p + p_END)` of it) or "sigmoid" (sigmoid of
+            the joint logit, the mean of the members' logits: with
+            `image_logits` set from one probe, the probe's logit plus the
+            members' mean correction).
 
     Example:
         >>> ensemble = DecoderEnsemble(3, {"num_labels": 5, "max_length": 4})
@@ -68,11 +74,6 @@ class DecoderEnsemble(keras.layers.Layer):
             raise ValueError(f"num_decoders must be >= 1, got {num_decoders}")
         decoder_config = dict(decoder_config)
         label_scores = label_scores or decoder_config.get("label_scores", "softmax")
-        if label_scores not in ("softmax", "against_end"):
-            raise ValueError(
-                f"label_scores {label_scores!r} cannot be read from {num_decoders} decoders decoded "
-                "together; use softmax or against_end (or model.decoders: 1)"
-            )
         decoder_config["label_scores"] = label_scores
         for key in ("name", "trainable"):
             decoder_config.pop(key, None)
@@ -128,25 +129,24 @@ class DecoderEnsemble(keras.layers.Layer):
         units = [member.units for member in self.members]
 
         def step(token, state, context):
-            log_probs, states = [], []
+            logits, states = [], []
             for (_, member_step, _), member_state, member_context in zip(
                 setups, tf.split(state, units, axis=-1), context
             ):
-                logits, new_state = member_step(token, member_state, member_context)
-                log_probs.append(tf.nn.log_softmax(logits, axis=-1))
+                member_logits, new_state = member_step(token, member_state, member_context)
+                logits.append(member_logits)
                 states.append(new_state)
-            return tf.add_n(log_probs) / len(log_probs), tf.concat(states, axis=-1)
+            # The mean logit, not the mean log-softmax: the two differ by one
+            # constant per step, which the searches ignore, and this one keeps
+            # each label's own logit (label_scores: sigmoid) at no extra ops.
+            return tf.add_n(logits) / len(logits), tf.concat(states, axis=-1)
 
         state = tf.concat([setup[0] for setup in setups], axis=-1)
         return state, step, tuple(setup[2] for setup in setups)
 
     def _step_scores(self, logits, probs):
-        """[..., L] label scores of the joint steps (`label_scores`, checked again: scripts set it)."""
-        if self.label_scores == "against_end":
-            return label_vs_end(logits, self.num_labels)
-        if self.label_scores != "softmax":
-            raise ValueError(f"label_scores {self.label_scores!r}: a decoder ensemble scores by softmax or against_end")
-        return probs[..., : self.num_labels]
+        """[..., L] label scores (`label_scores`) of the joint steps' logits and probs [..., L+1]."""
+        return step_label_scores(self.label_scores, logits, probs, self.num_labels)
 
     def compute_output_spec(self, inputs, training=None, self_fed=False, label_prior=None, attention_for=None):
         # Only the attention decoder takes `attention_for`.

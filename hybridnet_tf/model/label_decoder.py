@@ -19,6 +19,20 @@ _MASKED_LOGIT = -1e4
 LABEL_SCORES = ("against_end", "sigmoid", "softmax")
 
 
+def step_label_scores(rule, logits, probs, num_labels):
+    """[..., L] each label's score under `rule` (`LABEL_SCORES`) from decoding steps' logits and probs [..., L+1]."""
+    if rule == "against_end":
+        return label_vs_end(logits, num_labels)
+    if rule == "sigmoid":
+        # The label's own logit, not shared with the other labels: with
+        # `image_logits` set from the probe this is the probe's logit plus
+        # the decoder's correction (masked repeats go to 0).
+        return tf.sigmoid(logits[..., :num_labels])
+    if rule != "softmax":
+        raise ValueError(f"unknown label_scores {rule!r}; choose one of {list(LABEL_SCORES)}")
+    return probs[..., :num_labels]
+
+
 @keras.saving.register_keras_serializable(package="hybridnet_tf")
 class LabelDecoder(keras.layers.Layer):
     """Reads an image's labels out as a sequence.
@@ -379,14 +393,7 @@ class LabelDecoder(keras.layers.Layer):
 
     def _step_scores(self, logits, probs):
         """[..., L] the label scores (`label_scores`) of decoding steps' logits and probs [..., L+1]."""
-        if self.label_scores == "against_end":
-            return label_vs_end(logits, self.num_labels)
-        if self.label_scores == "sigmoid":
-            # The label's own logit, not shared with the other labels: with
-            # `image_logits` set from the probe this is the probe's logit
-            # plus the decoder's correction (masked repeats go to 0).
-            return tf.sigmoid(logits[..., : self.num_labels])
-        return probs[..., : self.num_labels]
+        return step_label_scores(self.label_scores, logits, probs, self.num_labels)
 
     def self_fed_logits(self, image_features, training=None):
         """Masked logits [B, max_length, L+1] of a run fed with its own argmax tokens.
