@@ -65,9 +65,8 @@ def main(argv=None):
     from hybridnet_tf.experiment import as_dataset, train_on_splits
 
     config = load_config(args.config, args.set + [f"model.head={args.head}"])
-    rules = RULES
     images = yardstick.load_coco128(yardstick.default_coco128())
-    results = {rule: [] for rule in rules}
+    results = {rule: [] for rule in RULES}
     batch = config["eval"]["batch_size"]
     for fold, (train_part, val_part, test_part) in enumerate(
         yardstick.fold_parts(images, config, args.folds, args.seed)
@@ -77,8 +76,8 @@ def main(argv=None):
         datasets = [as_dataset(part, config, False, batch_size=batch) for part in (val_part, test_part)]
         with tempfile.TemporaryDirectory(prefix="label_scores_") as run_dir:
             train_on_splits(config, run_dir, files_splits(train_part, val_part), verbose=0)
-            scored = {rule: scored_under(run_dir, rule, datasets) for rule in rules}
-        for rule in rules:
+            scored = {rule: scored_under(run_dir, rule, datasets) for rule in RULES}
+        for rule in RULES:
             (y_val, s_val), (y_test, s_test) = scored[rule]
             tuned = np.asarray(tune_thresholds(y_val, s_val)["per_class"])
             row = yardstick.score_set(y_test, s_test, None, config["eval"]["threshold"], tuned)
@@ -86,13 +85,13 @@ def main(argv=None):
             results[rule].append(row)
         print(f"fold {fold + 1}: " + "  ".join(
             f"{rule} mAP {results[rule][-1]['mAP']:.3f} tuned OF1 {results[rule][-1]['tuned_OF1']:.3f}"
-            for rule in rules), flush=True)
+            for rule in RULES), flush=True)
 
     lines = [
         "| score rule | mAP | OF1@0.5 | OF1 tuned | CF1 tuned | scores >= 0.999 | mAP per fold |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
-    for rule in rules:
+    for rule in RULES:
         rows = results[rule]
         cells = [f"{100 * np.mean([r[k] for r in rows]):.1f} ± {100 * np.std([r[k] for r in rows]):.1f}" for k in COLUMNS]
         cells.append(f"{100 * np.mean([r['share_of_ones'] for r in rows]):.1f} %")
