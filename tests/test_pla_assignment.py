@@ -99,3 +99,16 @@ def test_paper_pla_hand_worked():
     targets = predicted_label_alignment(ranked_labels([[1, 1, 0, 1, 0]], [0, 1, 2, 3, 4]), logits)
     # 3 stays at step 0, 0 stays at step 2, the missed 1 takes the free step 1, END at 3.
     assert targets.numpy().tolist() == [[3, 1, 0, 5, -1]]
+
+
+def test_paper_pla_on_nan_logits_gives_each_true_label_once_in_the_graph():
+    # A diverged step has NaN logits; the loss is then NaN and StopOnNonFiniteLoss names the
+    # step. The alignment must not crash the graph first (an argmin over NaN costs did).
+    rng = np.random.default_rng(0)
+    ranked = np.where(rng.uniform(size=(8, 14)) < 0.3, rng.integers(0, 14, (8, 14)), -1).astype(np.int32)
+    targets = tf.function(predicted_label_alignment)(ranked, tf.fill([8, 6, 15], np.nan)).numpy()
+    for row, image_ranked in zip(targets, ranked):
+        count = min(int((image_ranked >= 0).sum()), 5)
+        assert sorted(row[:count]) == sorted(np.argsort(np.where(image_ranked >= 0, image_ranked, 99))[:count])
+        assert row[count] == 14  # END
+        assert (row[count + 1:] == -1).all()

@@ -256,6 +256,9 @@ def predicted_label_alignment(ranked, logits):
     log_probs = tf.stop_gradient(tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1))
     at_free_steps = tf.gather(log_probs, free_steps, batch_dims=1)  # [B, m, L+1]
     cost = -tf.gather(at_free_steps, missing_labels, axis=2, batch_dims=1)  # [B, m, m]
+    # NaN logits (a diverged step, which StopOnNonFiniteLoss then reports) would make the
+    # assignment's argmin pick indices out of range and crash the graph instead.
+    cost = tf.where(tf.math.is_nan(cost), _IMPOSSIBLE / 10, cost)
     # Padding rows and columns pair with each other at no cost, never with real ones.
     real = tf.logical_and(free_valid[:, :, None], label_valid[:, None, :])
     both_pad = tf.logical_and(~free_valid[:, :, None], ~label_valid[:, None, :])
