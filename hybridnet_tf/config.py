@@ -155,6 +155,9 @@ DEFAULTS = {
         # epochs of a small data set are lengthened to reach them (0: one pass per epoch)
         "frozen_steps": 0,
         "min_steps": 0,
+        # epochs of BCE on the backbone and a temporary sigmoid layer before anything else
+        # (the CNN-RNN papers' warm start, for a backbone trained from scratch; 0: none)
+        "warm_start_epochs": 0,
         # frozen phase on backbone features computed once (when no augmentation
         # but flips changes pixels); false runs the backbone on every step
         "feature_cache": True,

@@ -175,6 +175,7 @@ def schedule_of(config, feature_cache=None):
         learning_rate_factor=train_cfg["fine_tune_lr_factor"],
         frozen_steps=train_cfg["frozen_steps"],
         min_steps=train_cfg["min_steps"],
+        warm_start_epochs=train_cfg["warm_start_epochs"],
         freeze_batch_norm=freeze_batch_norm_of(config),
         feature_cache=feature_cache,
     )

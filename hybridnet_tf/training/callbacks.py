@@ -340,9 +340,17 @@ class StopOnNonFiniteLoss(keras.callbacks.TerminateOnNaN):
     a per-step backup never saves the step that produced the NaN.
     """
 
-    def __init__(self):
+    RUN_STATE = (
+        "training stopped and nothing was saved from it: best.keras, last.keras, the epoch log and "
+        "the backup (those written so far) hold the last good state"
+    )
+
+    def __init__(self, what="training", state=RUN_STATE):
+        """`what` names the training in the message; `state` says what was kept."""
         super().__init__(raise_error=True)
         self.epoch = 0
+        self.what = what
+        self.state = state
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -354,11 +362,9 @@ class StopOnNonFiniteLoss(keras.callbacks.TerminateOnNaN):
         steps = (self.params or {}).get("steps")
         epochs = (self.params or {}).get("epochs")
         raise NonFiniteLossError(
-            f"training loss became {float(loss)} at epoch {self.epoch + 1}"
+            f"{self.what} loss became {float(loss)} at epoch {self.epoch + 1}"
             f"{f' of {epochs}' if epochs else ''}, batch {batch + 1}"
-            f"{f' of {steps}' if steps else ''}; training stopped and nothing was saved "
-            "from it: best.keras, last.keras, the epoch log and the backup (those written "
-            "so far) hold the last good state. Check the data of that step, or lower "
+            f"{f' of {steps}' if steps else ''}; {self.state}. Check the data of that step, or lower "
             "train.learning_rate, and run the same command again to resume"
         )
 

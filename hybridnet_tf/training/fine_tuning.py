@@ -165,7 +165,9 @@ def train_in_phases(
 
     The frozen phase trains the heads on cached backbone features when
     `schedule.feature_cache` is given (`head_phase.train_heads_on_features`):
-    seconds instead of a pass through the backbone per step.
+    seconds instead of a pass through the backbone per step. With
+    `schedule.warm_start_epochs` the backbone first trains with a BCE loss
+    (`warm_start.bce_warm_start`), then the phases run as for a pretrained one.
 
     Args:
         model, train_data, val_data, label_rank, run_dir, steps_per_epoch,
@@ -184,6 +186,25 @@ def train_in_phases(
     schedule = schedule or PhaseSchedule()
     common = dict(train_data=train_data, val_data=val_data, label_rank=label_rank, run_dir=run_dir,
                   checkpointing=checkpointing)
+    if schedule.warm_start_epochs > 0 and not os.path.isfile(os.path.join(run_dir, FROZEN_PHASE_WEIGHTS)):
+        from hybridnet_tf.training.warm_start import bce_warm_start
+
+        bce_warm_start(
+            model, train_data, val_data, run_dir, schedule.warm_start_epochs, steps_per_epoch, optimization,
+            num_labels=int(model.output["scores"].shape[-1]), val_max_batches=checkpointing.val_max_batches,
+            verbose=checkpointing.verbose,
+        )
+    history = _phases(model, steps_per_epoch, epochs, optimization, schedule, common)
+    if schedule.warm_start_epochs > 0:
+        from hybridnet_tf.training.warm_start import remove_warm_start_weights
+
+        remove_warm_start_weights(model, run_dir)
+    return history
+
+
+def _phases(model, steps_per_epoch, epochs, optimization, schedule, common):
+    """The body of `train_in_phases` after the warm start: frozen phase, then fine-tuning."""
+    checkpointing, run_dir = common["checkpointing"], common["run_dir"]
     if schedule.frozen_epochs <= 0:
         # No schedule: train the model as built. (Unfreezing "all" here keeps a
         # backbone trained from scratch with trainable BatchNorm.)

@@ -88,6 +88,8 @@ class PhaseSchedule:
             gets a few dozen steps). 0: one pass over the data per epoch.
         min_steps: the same for the phase with the backbone trainable (or
             for the whole run without a frozen phase).
+        warm_start_epochs: epochs of BCE on the backbone with a temporary
+            sigmoid layer before the first phase (`warm_start`; 0: none).
         freeze_batch_norm: keep the backbone's BatchNormalization frozen
             when it is unfrozen (see `fine_tuning.set_backbone_trainable`).
         feature_cache: a `feature_cache.FeatureCacheInputs` to train the
@@ -100,5 +102,10 @@ class PhaseSchedule:
     learning_rate_factor: float = 0.1
     frozen_steps: int = 0
     min_steps: int = 0
+    warm_start_epochs: int = 0
     freeze_batch_norm: bool = True
     feature_cache: object = None
+
+    def __post_init__(self):
+        if self.warm_start_epochs < 0:
+            raise ValueError(f"train.warm_start_epochs must be >= 0 (0: none), got {self.warm_start_epochs}")
