@@ -20,6 +20,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "data.demo_train=64", "data.demo_val=16", "data.demo_image_size=32", "train.batch_size=16",
     "model.gru_units=16", "model.embedding_dim=8",
+    # The joint fit's machinery (per-epoch checkpoints, continuing a run): without the demo's
+    # warm start and frozen phase (tests/test_warm_start.py covers those).
+    "train.warm_start_epochs=0", "train.frozen_epochs=0",
 ]
 
 # Run in a child process: the CLI with one writer patched to die (SIGKILL) halfway through a file.

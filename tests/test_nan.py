@@ -22,6 +22,9 @@ TINY = [
     "train.warmup_epochs=0",
     "model.gru_units=16",
     "model.embedding_dim=8",
+    # The joint fit's NaN stop and resume; the warm start's is in tests/test_warm_start.py.
+    "train.warm_start_epochs=0",
+    "train.frozen_epochs=0",
 ]
 
 

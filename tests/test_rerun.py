@@ -17,6 +17,9 @@ TINY = [
     "train.batch_size=16",
     "model.gru_units=16",
     "model.embedding_dim=8",
+    # The joint fit's machinery (per-epoch checkpoints, continuing a run): without the demo's
+    # warm start and frozen phase (tests/test_warm_start.py covers those).
+    "train.warm_start_epochs=0", "train.frozen_epochs=0",
 ]
 
 
