@@ -127,6 +127,8 @@ def cli_train(run_dir, demo_dir, epochs, log):
         "--set", f"train.epochs={epochs}", "--set", "train.batch_size=4",
         "--set", "train.backup_steps=4", "--set", "model.gru_units=16",
         "--set", "model.embedding_dim=8",
+        # BackupAndRestore of the joint fit, without the demo's warm start and frozen phase.
+        "--set", "train.warm_start_epochs=0", "--set", "train.frozen_epochs=0",
     ]
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

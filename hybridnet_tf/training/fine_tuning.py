@@ -326,6 +326,7 @@ def _frozen_phase(model, epochs, steps_per_epoch, optimization, schedule, common
             optimization=optimization,
             checkpointing=checkpointing,
             seed=feature_cache.seed,
+            val_images=common["val_data"],
         )
     finally:
         for layer in probe_layers:

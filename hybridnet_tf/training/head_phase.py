@@ -59,6 +59,7 @@ def train_heads_on_features(
     checkpointing=None,
     seed=None,
     extra_callbacks=(),
+    val_images=None,
 ):
     """Fits `model`'s heads on cached features; writes best.keras, last.keras and the epoch log.
 
@@ -79,6 +80,9 @@ def train_heads_on_features(
             and `verbose` are used (no backups: see the module docstring).
         seed: shuffle seed.
         extra_callbacks: more Keras callbacks, run after the validation metrics.
+        val_images: the val split's `(images, multi_hot)` batches, or None: the
+            whole model (frozen backbone and heads) draws its predictions on
+            the first of them for TensorBoard, as a run through the backbone does.
 
     Returns:
         The `keras.callbacks.History` of the fit.
@@ -109,9 +113,11 @@ def train_heads_on_features(
             model, val_batches, threshold=checkpointing.threshold, label_rank=label_rank,
             from_features=True, seed=seed,
         ))
-        # PR curves (from the metrics' predictions) and hparams; no images of features.
+        # PR curves (from the metrics' predictions) and hparams; val images when the
+        # images are given (features cannot be drawn).
         callbacks += summaries_for_run(
-            model, val_batches, run_dir, os.path.join(run_dir, "logs"), callbacks, images=False
+            model, val_batches if val_images is None else val_images, run_dir, os.path.join(run_dir, "logs"),
+            callbacks, images=val_images is not None,
         )
     elif monitor.startswith("val_"):
         monitor = "loss"

@@ -224,8 +224,9 @@ def summaries_for_run(inference_model, val_data, run_dir, log_dir, callbacks=(),
     `train` call outside a run directory) labels are numbered, and only
     the PR curves are written (no hparams, no images). `callbacks` may hold the run's `ValidationMetrics`,
     whose predictions are then reused. `images=False` draws no val images
-    (the frozen phase on cached features has features, not pictures; its
-    PR curves come from the `ValidationMetrics` in `callbacks`).
+    (when `val_data` holds cached features, not pictures; the frozen phase on
+    cached features passes the val images for the pictures and takes its PR
+    curves from the `ValidationMetrics` in `callbacks`).
 
     Returns:
         `[TensorBoardSummaries]`.
