@@ -41,6 +41,17 @@ def warmup_cosine_schedule(learning_rate, total_steps, warmup_steps):
     )
 
 
+def adamw_optimizer(optimization, total_steps, warmup_steps):
+    """The AdamW of an `Optimization`: warmup then cosine decay over `total_steps`, gradients clipped at norm 5."""
+    return keras.optimizers.AdamW(
+        warmup_cosine_schedule(optimization.learning_rate, total_steps, warmup_steps),
+        weight_decay=optimization.weight_decay,
+        clipnorm=5.0,
+        use_ema=optimization.use_ema,
+        ema_momentum=optimization.ema_momentum,
+    )
+
+
 def train(
     model,
     train_data,
@@ -201,13 +212,7 @@ def compile_training_model(model, total_steps, warmup_steps=0, optimization=None
             with strategy.scope():
                 training_model = build_training_model(model, from_features)
     with strategy.scope(), dtype_policy(model.dtype_policy.name):
-        optimizer = keras.optimizers.AdamW(
-            warmup_cosine_schedule(optimization.learning_rate, total_steps, warmup_steps),
-            weight_decay=optimization.weight_decay,
-            clipnorm=5.0,
-            use_ema=optimization.use_ema,
-            ema_momentum=optimization.ema_momentum,
-        )
+        optimizer = adamw_optimizer(optimization, total_steps, warmup_steps)
         training_model.compile(
             optimizer=optimizer,
             loss=training_loss(model),

@@ -24,7 +24,7 @@ from hybridnet_tf.model.hybridnet import IMAGE_ENCODER
 from hybridnet_tf.training import distribution
 from hybridnet_tf.training.callbacks import StopOnNonFiniteLoss
 from hybridnet_tf.training.compute import dtype_policy
-from hybridnet_tf.training.trainer import warmup_cosine_schedule
+from hybridnet_tf.training.trainer import adamw_optimizer
 
 WARM_START_WEIGHTS = "warm_start.weights.h5"
 
@@ -67,14 +67,8 @@ def bce_warm_start(model, train_data, val_data, run_dir, epochs, steps_per_epoch
         logits = keras.layers.Dense(num_labels, dtype="float32", name="warm_start_labels")(features)
         warm = keras.Model(image, logits, name="bce_warm_start")
         warm.compile(
-            optimizer=keras.optimizers.AdamW(
-                warmup_cosine_schedule(
-                    optimization.learning_rate,
-                    epochs * steps_per_epoch,
-                    int(round(optimization.warmup_epochs * steps_per_epoch)),
-                ),
-                weight_decay=optimization.weight_decay,
-                clipnorm=5.0,
+            optimizer=adamw_optimizer(
+                optimization, epochs * steps_per_epoch, int(round(optimization.warmup_epochs * steps_per_epoch))
             ),
             loss=keras.losses.BinaryCrossentropy(from_logits=True),
             # Keras' PR-AUC per label, averaged: close to, not the same as, the run's mAP.
