@@ -267,6 +267,13 @@ def save_model_atomically(model, path):
         raise _write_failed(path, error, [tmp]) from error
 
 
+def save_weights_atomically(model, path):
+    """Saves `model`'s weights to a `.weights.h5` file through a temporary file, so a kill never leaves half a file."""
+    tmp = f"{path[: -len('.weights.h5')]}.tmp.weights.h5"
+    model.save_weights(tmp)
+    os.replace(tmp, path)
+
+
 class InferenceModelCheckpoint(keras.callbacks.Callback):
     """Writes `last.keras` every epoch and `best.keras` when `monitor` improves.
 

@@ -26,6 +26,7 @@ import keras
 from hybridnet_tf.model.decoder_ensemble import decoder_members
 from hybridnet_tf.model.hybridnet import IMAGE_ENCODER, LABEL_DECODER, SIGMOID_HEAD, layer_or_none
 from hybridnet_tf.training import distribution
+from hybridnet_tf.training.callbacks import save_weights_atomically
 from hybridnet_tf.training.settings import Checkpointing, Optimization, PhaseSchedule
 from hybridnet_tf.training.trainer import train
 
@@ -223,9 +224,7 @@ def _phases(model, steps_per_epoch, epochs, optimization, schedule, common):
         if frozen_epochs == epochs:
             return history
         if distribution.is_chief(model.distribute_strategy):
-            tmp = marker.replace(".weights.h5", ".tmp.weights.h5")
-            model.save_weights(tmp)
-            os.replace(tmp, marker)
+            save_weights_atomically(model, marker)
     count = set_backbone_trainable(model, schedule.unfreeze_blocks, schedule.freeze_batch_norm)
     which = "all blocks" if schedule.unfreeze_blocks == -1 else f"the top {schedule.unfreeze_blocks} block(s)"
     fine_tuning, fine_tuning_checkpoints = _fine_tuning_settings(optimization, checkpointing, schedule)

@@ -22,7 +22,7 @@ import keras
 
 from hybridnet_tf.model.hybridnet import IMAGE_ENCODER
 from hybridnet_tf.training import distribution
-from hybridnet_tf.training.callbacks import StopOnNonFiniteLoss
+from hybridnet_tf.training.callbacks import StopOnNonFiniteLoss, save_weights_atomically
 from hybridnet_tf.training.compute import dtype_policy
 from hybridnet_tf.training.trainer import adamw_optimizer
 
@@ -96,9 +96,7 @@ def bce_warm_start(model, train_data, val_data, run_dir, epochs, steps_per_epoch
             verbose=verbose,
         )
     if distribution.is_chief(strategy):
-        tmp = marker.replace(".weights.h5", ".tmp.weights.h5")
-        model.save_weights(tmp)
-        os.replace(tmp, marker)
+        save_weights_atomically(model, marker)
     return history
 
 
