@@ -48,7 +48,12 @@ def min_cost_assignment(cost):
 
     Args:
         cost: [B, m, m] float costs (m static, up to about 12); row i
-            assigned to column j costs `cost[b, i, j]`.
+            assigned to column j costs `cost[b, i, j]`. They must be finite
+            and well below `m * 1e7` in size: an argmin over NaN gives an
+            out-of-range index on CPU inside a graph, and the padding of the
+            subset table costs `2 * m * 1e7`. Callers map NaN or infinite
+            costs to a large finite value first (as `predicted_label_alignment`
+            does).
 
     Returns:
         [B, m] int32: the column of each row (a permutation of 0..m-1).
