@@ -102,3 +102,26 @@ def test_a_nan_in_the_warm_start_stops_it_with_the_step_named_and_saves_nothing(
             optimization=Optimization(), num_labels=4, verbose=0,
         )
     assert not os.path.exists(tmp_path / warm_start.WARM_START_WEIGHTS)
+
+
+def encoder_weights(model):
+    return [w.numpy().copy() for w in model.get_layer("image_encoder").weights]
+
+
+def test_the_warm_start_gives_one_backbone_whatever_the_head(tmp_path):
+    # With one seed, bce and hybrid must warm-start the same CNN, so that comparing heads compares heads
+    # (the temporary layer's start must not depend on how many random draws the heads took before it).
+    import keras
+
+    warmed = {}
+    for head in ("bce", "hybrid"):
+        keras.utils.set_random_seed(7)
+        model = build_model(4, image_size=32, head=head, gru_units=16, embedding_dim=8, dropout=0.3)
+        warm_start.bce_warm_start(
+            model, eight_images(), None, str(tmp_path / head), epochs=3, steps_per_epoch=1,
+            optimization=Optimization(learning_rate=1e-2, warmup_epochs=0), num_labels=4, verbose=0,
+        )
+        warmed[head] = encoder_weights(model)
+    assert len(warmed["bce"]) == len(warmed["hybrid"]) > 0
+    for a, b in zip(warmed["bce"], warmed["hybrid"]):
+        np.testing.assert_array_equal(a, b)

@@ -64,7 +64,11 @@ def bce_warm_start(model, train_data, val_data, run_dir, epochs, steps_per_epoch
         encoded = encoder(image)
         # With the attention decoder the encoder also hands over the map: the pooled feature comes first.
         features = encoded[0] if isinstance(encoded, (list, tuple)) else encoded
-        logits = keras.layers.Dense(num_labels, dtype="float32", name="warm_start_labels")(features)
+        # Zeros, not a random start: a random kernel would be drawn after the heads' weights, so the
+        # same seed would warm-start a different CNN for each head and comparing heads would compare CNNs.
+        logits = keras.layers.Dense(
+            num_labels, kernel_initializer="zeros", dtype="float32", name="warm_start_labels"
+        )(features)
         warm = keras.Model(image, logits, name="bce_warm_start")
         warm.compile(
             optimizer=adamw_optimizer(
