@@ -176,6 +176,7 @@ def schedule_of(config, feature_cache=None):
         frozen_steps=train_cfg["frozen_steps"],
         min_steps=train_cfg["min_steps"],
         warm_start_epochs=train_cfg["warm_start_epochs"],
+        warm_start_seed=train_cfg["seed"],
         freeze_batch_norm=freeze_batch_norm_of(config),
         feature_cache=feature_cache,
     )

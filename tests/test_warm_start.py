@@ -119,7 +119,7 @@ def test_the_warm_start_gives_one_backbone_whatever_the_head(tmp_path):
         model = build_model(4, image_size=32, head=head, gru_units=16, embedding_dim=8, dropout=0.3)
         warm_start.bce_warm_start(
             model, eight_images(), None, str(tmp_path / head), epochs=3, steps_per_epoch=1,
-            optimization=Optimization(learning_rate=1e-2, warmup_epochs=0), num_labels=4, verbose=0,
+            optimization=Optimization(learning_rate=1e-2, warmup_epochs=0), num_labels=4, seed=3, verbose=0,
         )
         warmed[head] = encoder_weights(model)
     assert len(warmed["bce"]) == len(warmed["hybrid"]) > 0

@@ -193,7 +193,7 @@ def train_in_phases(
         bce_warm_start(
             model, train_data, val_data, run_dir, schedule.warm_start_epochs, steps_per_epoch, optimization,
             num_labels=int(model.output["scores"].shape[-1]), val_max_batches=checkpointing.val_max_batches,
-            verbose=checkpointing.verbose,
+            seed=schedule.warm_start_seed, verbose=checkpointing.verbose,
         )
     history = _phases(model, steps_per_epoch, epochs, optimization, schedule, common)
     if schedule.warm_start_epochs > 0:

@@ -90,6 +90,9 @@ class PhaseSchedule:
             for the whole run without a frozen phase).
         warm_start_epochs: epochs of BCE on the backbone with a temporary
             sigmoid layer before the first phase (`warm_start`; 0: none).
+        warm_start_seed: the seed of that layer's random start. With it, one
+            seed warm-starts the same CNN whatever the heads are; None draws
+            from Keras' global seed, after the heads' own draws.
         freeze_batch_norm: keep the backbone's BatchNormalization frozen
             when it is unfrozen (see `fine_tuning.set_backbone_trainable`).
         feature_cache: a `feature_cache.FeatureCacheInputs` to train the
@@ -103,6 +106,7 @@ class PhaseSchedule:
     frozen_steps: int = 0
     min_steps: int = 0
     warm_start_epochs: int = 0
+    warm_start_seed: int = None
     freeze_batch_norm: bool = True
     feature_cache: object = None
 

@@ -30,7 +30,7 @@ WARM_START_WEIGHTS = "warm_start.weights.h5"
 
 
 def bce_warm_start(model, train_data, val_data, run_dir, epochs, steps_per_epoch, optimization,
-                   num_labels, val_max_batches=None, verbose="auto"):
+                   num_labels, val_max_batches=None, seed=None, verbose="auto"):
     """Trains `model`'s image encoder with a temporary sigmoid layer and a BCE loss.
 
     Args:
@@ -44,6 +44,9 @@ def bce_warm_start(model, train_data, val_data, run_dir, epochs, steps_per_epoch
         optimization: a `settings.Optimization` (learning rate, weight
             decay, warmup).
         num_labels: width of the temporary sigmoid layer.
+        seed: an int for the temporary layer's random start, so that one
+            seed warm-starts the same CNN whatever heads `model` has (their
+            weights are drawn before this layer); None: Keras' global seed.
 
     Returns:
         The warm start's Keras History, or None when `run_dir` already held
@@ -64,10 +67,13 @@ def bce_warm_start(model, train_data, val_data, run_dir, epochs, steps_per_epoch
         encoded = encoder(image)
         # With the attention decoder the encoder also hands over the map: the pooled feature comes first.
         features = encoded[0] if isinstance(encoded, (list, tuple)) else encoded
-        # Zeros, not a random start: a random kernel would be drawn after the heads' weights, so the
-        # same seed would warm-start a different CNN for each head and comparing heads would compare CNNs.
+        # Its own seed: drawn from the global one, the start would follow the heads' draws, and one seed
+        # would warm-start a different CNN for each head. Not zeros: from a zero kernel every label's
+        # column moves along the mean feature at first, and the demo's warm start reached val PR-AUC
+        # 0.64 instead of 0.95 in 15 epochs (400 photos, seed 0).
         logits = keras.layers.Dense(
-            num_labels, kernel_initializer="zeros", dtype="float32", name="warm_start_labels"
+            num_labels, kernel_initializer=keras.initializers.GlorotUniform(seed=seed), dtype="float32",
+            name="warm_start_labels",
         )(features)
         warm = keras.Model(image, logits, name="bce_warm_start")
         warm.compile(
