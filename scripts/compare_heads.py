@@ -43,6 +43,7 @@ VARIANTS = {
     "hybrid freq2rare, 3 decoders": {"head": "hybrid", "label_order": "freq2rare", "decoders": 3},
     "hybrid attention": {"head": "hybrid", "label_order": "freq2rare", "decoder": "attention"},
     "hybrid orderless": {"head": "hybrid", "label_order": "orderless"},
+    "hybrid orderless, 3 decoders": {"head": "hybrid", "label_order": "orderless", "decoders": 3},
     "hybrid attention orderless": {"head": "hybrid", "label_order": "orderless", "decoder": "attention"},
 }
 
