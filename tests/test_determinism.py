@@ -45,8 +45,8 @@ def test_two_deterministic_runs_give_the_same_weights_and_another_seed_does_not(
     for name, run_dir in runs.items():
         seed = "train.seed=1" if name == "other_seed" else "train.seed=0"
         train_in_a_process(run_dir, demo_dir, "train.deterministic=true", seed)
-    # Bit-identical on a quiet machine; under load (pytest-xdist beside other tests) TF's CPU kernels
-    # gave weights 1e-7 to 2e-6 apart in some runs, with op determinism on, oneDNN on or off, one
+    # Bit-identical in most runs; with other processes on the CPU (pytest-xdist, other jobs) TF gave
+    # weights 1e-7 to 2e-6 apart in some runs, with op determinism on, oneDNN on or off, one
     # inter-op thread or the default (2026-12-06; cause not found). So: equal to float32 rounding,
     # and far from what another seed gives.
     same = max_weight_difference(runs["a"], runs["b"])
