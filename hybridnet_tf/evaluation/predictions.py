@@ -65,9 +65,9 @@ def collect_named_predictions(model, dataset, max_batches=None, progress=False):
         total = cardinality if total is None else min(total, cardinality)
     bar = None
     if progress:
-        import keras
+        from hybridnet_tf.console import progress_bar
 
-        bar = keras.utils.Progbar(total, unit_name="batch")
+        bar = progress_bar(total)
     y_true, scores, label_ids, names = [], [], [], []
     for images, labels, *batch_names in dataset:
         outputs = predict(images)

@@ -17,10 +17,10 @@ view: fine for thousands of images, not for all of COCO, where
 
 from dataclasses import dataclass
 
-import keras
 import numpy as np
 import tensorflow as tf
 
+from hybridnet_tf.console import progress_bar
 from hybridnet_tf.model.hybridnet import IMAGE_ENCODER, POOL, model_decoder
 
 
@@ -87,7 +87,7 @@ def extract_features(model, dataset, flip_views=False, progress=True, name="trai
     cardinality = int(dataset.cardinality())
     if progress:
         print(f"caching backbone features of {name} images" + (" and their mirror images" if flip_views else ""))
-    bar = keras.utils.Progbar(cardinality if cardinality >= 0 else None, unit_name="batch") if progress else None
+    bar = progress_bar(cardinality if cardinality >= 0 else None) if progress else None
     views = [[] for _ in range(2 if flip_views else 1)]
     labels = []
     for images, multi_hot in dataset:

@@ -16,6 +16,7 @@ import os
 
 import keras
 
+from hybridnet_tf.console import fit_verbosity
 from hybridnet_tf.model.hybridnet import FEATURES, with_training_targets
 from hybridnet_tf.training.callbacks import (
     RunHistoryLogger,
@@ -135,10 +136,11 @@ def train_heads_on_features(
     ]
     history = training_model.fit(
         train_batches,
+        shuffle=False,  # tf.data already shuffles (Keras warns otherwise)
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         callbacks=callbacks,
-        verbose=checkpointing.verbose,
+        verbose=fit_verbosity(checkpointing.verbose),
     )
     save_model_atomically(model, os.path.join(run_dir, "best.keras"))
     return history

@@ -12,6 +12,7 @@ import os
 
 import keras
 
+from hybridnet_tf.console import fit_verbosity
 from hybridnet_tf.model.hybridnet import build_training_model, training_loss, with_training_targets
 from hybridnet_tf.training import distribution
 from hybridnet_tf.training.callbacks import (
@@ -142,7 +143,7 @@ def train(
                 initial_epoch=initial_epoch,
                 steps_per_epoch=steps_per_epoch,
                 callbacks=callbacks,
-                verbose=checkpointing.verbose,
+                verbose=fit_verbosity(checkpointing.verbose),
             )
         rows = history_logger.rows()
     if multi_worker:

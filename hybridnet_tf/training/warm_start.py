@@ -20,6 +20,7 @@ import warnings
 
 import keras
 
+from hybridnet_tf.console import fit_verbosity
 from hybridnet_tf.model.hybridnet import IMAGE_ENCODER
 from hybridnet_tf.training import distribution
 from hybridnet_tf.training.callbacks import StopOnNonFiniteLoss, save_weights_atomically
@@ -103,7 +104,7 @@ def bce_warm_start(model, train_data, val_data, run_dir, epochs, steps_per_epoch
                 # Its own TensorBoard run beside the run's train / validation ones.
                 keras.callbacks.TensorBoard(os.path.join(run_dir, "logs", "warm_start"), write_graph=False),
             ],
-            verbose=verbose,
+            verbose=fit_verbosity(verbose),
         )
     if distribution.is_chief(strategy):
         save_weights_atomically(model, marker)
