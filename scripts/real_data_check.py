@@ -241,7 +241,7 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], help="config override key=value")
     parser.add_argument("--heads", default="bce,hybrid_rnn,hybrid")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the k-fold partition of the photos")
     parser.add_argument("--train-seeds", default=None,
                         help="comma-separated train.seed values; each head trains once per seed on every "
                              "fold and the fold counts the mean (default: the config's train.seed)")
@@ -274,11 +274,12 @@ def main(argv=None):
         if fold < len(results):
             continue
         splits = files_splits(train_part, val_part)
-        # With several train seeds the anchor is fitted once per seed as well: a head's own
-        # probe (train.probe_init) draws its C search folds from train.seed.
+        # The anchor is fitted with the seeds the heads train with (once per seed with several):
+        # a head's own probe (train.probe_init) draws its C search folds from train.seed, and
+        # --seed only draws the folds.
         probe_rows = [
             run_probe(base, features, labels, index_of, splits.train, splits.val, test_part, probe_seed)
-            for probe_seed in train_seeds or [args.seed]
+            for probe_seed in train_seeds or [base["train"]["seed"]]
         ]
         fold_result = {"probe": mean_over_seeds(probe_rows)}
         chosen = ", ".join(f"{row['C']:g}" for row in probe_rows)
