@@ -61,6 +61,7 @@ def test_train_logs_a_line_per_epoch_when_stdout_is_not_a_terminal(trained_run):
     assert len(re.findall(r"^Epoch \d+/2$", log, re.M)) == 2  # after the demo's BCE warm start
     epochs = len(re.findall(r"^Epoch \d+/\d+$", log, re.M))
     assert len(re.findall(r"^\d+/\d+ - \d+s - .*loss: ", log, re.M)) == epochs, log[-2000:]
+    assert "\n\n" not in log  # no blank line left where a live bar would have been
 
 
 def test_tensorboard_holds_val_metrics(trained_run):

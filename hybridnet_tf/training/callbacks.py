@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from hybridnet_tf.atomic_files import write_json_atomically
+from hybridnet_tf.console import interactive
 from hybridnet_tf.evaluation.metrics import mean_average_precision, set_metrics, threshold_metrics
 from hybridnet_tf.evaluation.predictions import decoded_to_multi_hot, predict_function
 from hybridnet_tf.model.hybridnet import IMAGE_ENCODER, build_head_model
@@ -148,10 +149,11 @@ class ValidationMetrics(keras.callbacks.Callback):
         logs["val_CF1"] = float(at_threshold["CF1"])
         logs["val_OF1"] = float(at_threshold["OF1"])
         logs["val_decoded_OF1"] = float(decoded_metrics["OF1"])
-        self.last_predictions = (y_true, scores)  # for TensorBoardSummaries' PR curves
         loss_text = f"val_loss {logs['val_loss']:.4f}  " if "val_loss" in logs else ""
+        # On a terminal the line starts below Keras' live bar; a log has no bar to leave.
+        line_start = "\n" if interactive() else ""
         print(
-            f"\nepoch {epoch + 1}: {loss_text}val_mAP {mean_ap:.4f}  val_CF1 {at_threshold['CF1']:.4f}  "
+            f"{line_start}epoch {epoch + 1}: {loss_text}val_mAP {mean_ap:.4f}  val_CF1 {at_threshold['CF1']:.4f}  "
             f"val_OF1 {at_threshold['OF1']:.4f}  decoded OF1 {decoded_metrics['OF1']:.4f}"
         )
 
