@@ -34,11 +34,8 @@ def trained_run(tmp_path_factory):
              "--set", f"data.demo_dir={demo_dir}", *sum((["--set", s] for s in TINY), [])]
         )
     assert code == 0
-    TRAIN_LOG[:] = [log.getvalue()]
+    (root / "train_stdout.log").write_text(log.getvalue())
     return run_dir, demo_dir
-
-
-TRAIN_LOG = []
 
 
 def test_train_writes_run_dir(trained_run):
@@ -56,7 +53,9 @@ def test_train_writes_run_dir(trained_run):
 def test_train_logs_a_line_per_epoch_when_stdout_is_not_a_terminal(trained_run):
     # Keras' "auto" redraws a live bar with backspaces in any POSIX process; in a log
     # file that is most of the bytes. Not a terminal: one progress line per epoch.
-    (log,) = TRAIN_LOG
+    run_dir, _ = trained_run
+    with open(os.path.join(os.path.dirname(run_dir), "train_stdout.log")) as f:
+        log = f.read()
     assert "\b" not in log
     assert len(re.findall(r"^Epoch \d+/2$", log, re.M)) == 2  # after the demo's BCE warm start
     epochs = len(re.findall(r"^Epoch \d+/\d+$", log, re.M))
