@@ -1,5 +1,7 @@
 """load_tfds_coco with tfds.testing.mock_data (offline, no prepared data)."""
 
+import tempfile
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -100,11 +102,17 @@ def test_count_label_frequencies():
     assert sum(first_two) == 3 and first_two[79] == 1 and first_two[2] == 0
 
 
-def test_unprepared_data_gives_a_clear_error(tmp_path):
+def test_unprepared_data_gives_a_clear_error(tmp_path, monkeypatch):
+    # TFDS' own temporary folder (see tfds_builder) goes to a folder of this test's.
+    temp_root = tmp_path / "temp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
     expected = r"coco/2017 is not prepared.*download=True.*manual_dir"
     with pytest.raises(FileNotFoundError, match=expected):
-        load_tfds_coco("coco/2017", data_dir=str(tmp_path))
-    assert not any(tmp_path.iterdir())  # nothing downloaded or written
+        load_tfds_coco("coco/2017", data_dir=str(tmp_path / "tfds"))
+    assert not (tmp_path / "tfds").exists()  # nothing downloaded or written
+    assert list(temp_root.iterdir()) == []  # no tmp*tfds folder left behind
+    assert tempfile.gettempdir() == str(temp_root)
 
 
 def test_unknown_name():

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from hybridnet_tf.data.coco_classes import COCO_CATEGORY_IDS
+from hybridnet_tf.data.tfds_coco import tfds_builder
 
 ROOT_URL = "http://images.cocodataset.org/"
 # coco128 image ids. Train: ten labelled images, the two without annotations,
@@ -87,11 +88,10 @@ def _write_miniature_coco(coco128_dir, out_dir):
 
 def _seed_download_cache(archives, data_dir):
     """Puts the zips where TFDS keeps the official files it downloaded."""
-    import tensorflow_datasets as tfds
     from etils import epath
     from tensorflow_datasets.core.download import resource
 
-    url_infos = tfds.builder("coco/2017", data_dir=data_dir).url_infos
+    url_infos = tfds_builder("coco/2017", data_dir=data_dir).url_infos
     assert set(archives) <= set(url_infos), "the builder asks for other files than these"
     for url, path in archives.items():
         expected = url_infos[url]

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 
 import tensorflow as tf
 
@@ -22,6 +23,26 @@ from hybridnet_tf.vocabulary import LabelVocabulary
 logger = logging.getLogger(__name__)
 
 TFDS_COCO_NAMES = ("coco/2014", "coco/2017")
+
+
+def tfds_builder(name, data_dir=None):
+    """`tfds.builder(name, data_dir=data_dir)` without the temporary folder TFDS leaves behind.
+
+    For a data set that is not prepared, the builder fills its `DatasetInfo`
+    from GCS (`DatasetInfo.initialize_from_bucket`, TFDS 4.9.10), which makes a
+    `tmp*tfds` folder with `tempfile.mkdtemp` and never removes it: an empty
+    one per call offline, the info files with a network. Here `tempfile`
+    points at a folder of ours for the call, removed after; the builder has
+    read the files by then.
+    """
+    import tensorflow_datasets as tfds
+
+    with tempfile.TemporaryDirectory(prefix="hybridnet_tfds_") as folder:
+        previous, tempfile.tempdir = tempfile.tempdir, folder
+        try:
+            return tfds.builder(name, data_dir=data_dir)
+        finally:
+            tempfile.tempdir = previous
 
 
 def load_tfds_coco(
@@ -82,7 +103,7 @@ def load_tfds_coco(
 
     if name.split(":")[0] not in TFDS_COCO_NAMES:
         raise ValueError(f"unknown TFDS COCO name {name!r}; choose one of {list(TFDS_COCO_NAMES)}")
-    builder = tfds.builder(name, data_dir=data_dir)
+    builder = tfds_builder(name, data_dir=data_dir)
     if download:
         _download_and_prepare(builder, manual_dir)
     try:
@@ -221,7 +242,7 @@ def split_statistics(
     """
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(name, data_dir=data_dir)
+    builder = tfds_builder(name, data_dir=data_dir)
     try:
         split_info = builder.info.splits[split]
     except KeyError:
