@@ -22,6 +22,13 @@ With `--out`, every finished fold is written at once (`<out>.partial.json`);
 a rerun with the same arguments picks up from there, so an interrupted run
 loses at most the fold it was in.
 
+`--config-data` cross-validates the training images of the config's own
+`data` section instead of coco128 (a COCO-format JSON, a folder or a CSV
+source: your own photos), with the same folds, heads and anchor:
+
+    .venv/bin/python scripts/real_data_check.py --config my_photos.yaml --config-data \
+        --out /tmp/my_photos_check.json
+
 Training on 75 photos is sensitive to its seed: one fold's mAP can move by
 several points with `train.seed` alone. `--train-seeds 0,1,2` trains every
 head once per seed on each fold and counts the mean over seeds as the fold's
@@ -72,6 +79,27 @@ def load_coco128(coco128_dir):
     if not os.path.isfile(annotations):
         raise SystemExit(f"coco128 not found at {coco128_dir} (set HYBRIDNET_COCO128 or --data)")
     return load_coco_json(annotations, os.path.join(coco128_dir, "train2017"))
+
+
+def _shown_path(path):
+    """`path` relative to the repo when it lies inside it, else absolute."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+
+
+def load_config_images(data):
+    """Every readable training image of a config's `data` section (coco_json, folder or csv).
+
+    The whole training list: the folds, and their val parts (`data.val_fraction`),
+    are cut from it. A test split the config names or cuts is left out.
+    """
+    from hybridnet_tf.data.load_splits import load_split
+
+    if data["source"] not in ("coco_json", "folder", "csv"):
+        raise SystemExit(f"--config-data cross-validates file sources (coco_json, folder, csv); "
+                         f"the config's data.source is {data['source']!r}")
+    # Unreadable files are left out, and load_split says which.
+    return load_split({**data, "val_fraction": 0.0, "test_fraction": 0.0}, "train").examples
 
 
 def fold_indices(num_images, folds, seed):
@@ -246,6 +274,9 @@ def main(argv=None):
                         help="comma-separated train.seed values; each head trains once per seed on every "
                              "fold and the fold counts the mean (default: the config's train.seed)")
     parser.add_argument("--data", default=default_coco128(), help="the coco128 folder")
+    parser.add_argument("--config-data", action="store_true",
+                        help="cross-validate the training images of --config's data section (coco_json, "
+                             "folder or csv) instead of coco128")
     parser.add_argument("--out", help="JSON file for every fold's numbers (a .md table is written beside it)")
     args = parser.parse_args(argv)
 
@@ -254,8 +285,13 @@ def main(argv=None):
     base = load_config(args.config, args.set)
     heads = [h for h in args.heads.split(",") if h]
     train_seeds = [int(v) for v in args.train_seeds.split(",") if v.strip()] if args.train_seeds else None
-    images = load_coco128(args.data)
-    print(f"coco128: {len(images)} labelled images, {len(images.vocabulary)} labels; {args.folds} folds")
+    if args.config_data:
+        images, source = load_config_images(base["data"]), f"{base['data']['source']} data of {_shown_path(args.config)}"
+    else:
+        images, source = load_coco128(args.data), "coco128"
+    if len(images) < 2 * args.folds:
+        raise SystemExit(f"{source}: {len(images)} labelled images are too few for {args.folds} folds")
+    print(f"{source}: {len(images)} labelled images, {len(images.vocabulary)} labels; {args.folds} folds")
     start = time.perf_counter()
     features, labels = backbone_features(base, images)
     index_of = {path: i for i, path in enumerate(images.paths)}
@@ -263,7 +299,8 @@ def main(argv=None):
 
     results = []
     partial = os.path.splitext(args.out)[0] + ".partial.json" if args.out else None
-    run_key = {"argv": [args.config, args.set, heads, args.folds, args.seed] + ([train_seeds] if train_seeds else [])}
+    run_key = {"argv": [args.config, args.set, heads, args.folds, args.seed] + ([train_seeds] if train_seeds else []),
+               "data": "config" if args.config_data else os.path.abspath(args.data)}
     if partial and os.path.isfile(partial):
         with open(partial, encoding="utf-8") as f:
             saved = json.load(f)
@@ -312,7 +349,7 @@ def main(argv=None):
     total = time.perf_counter() - start
     summary = summarise(results, ["probe"] + heads)
     note = (
-        f"Config {os.path.relpath(args.config, ROOT)}"
+        f"{len(images)} photos ({source}). Config {_shown_path(args.config)}"
         + (f" with {' '.join(args.set)}" if args.set else "")
         + (f"; each head trained with train.seed {', '.join(map(str, train_seeds))}, the fold's figure "
            "the mean over seeds" if train_seeds else "")
