@@ -286,7 +286,8 @@ def main(argv=None):
     heads = [h for h in args.heads.split(",") if h]
     train_seeds = [int(v) for v in args.train_seeds.split(",") if v.strip()] if args.train_seeds else None
     if args.config_data:
-        images, source = load_config_images(base["data"]), f"{base['data']['source']} data of {_shown_path(args.config)}"
+        images = load_config_images(base["data"])
+        source = f"{base['data']['source']} data of {_shown_path(args.config)}"
     else:
         images, source = load_coco128(args.data), "coco128"
     if len(images) < 2 * args.folds:

@@ -15,7 +15,8 @@ FOLDERS = ("red", "green", "blue", "red_green", "green_blue")
 
 
 def _yardstick():
-    spec = importlib.util.spec_from_file_location("real_data_check", os.path.join(ROOT, "scripts", "real_data_check.py"))
+    path = os.path.join(ROOT, "scripts", "real_data_check.py")
+    spec = importlib.util.spec_from_file_location("real_data_check", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
