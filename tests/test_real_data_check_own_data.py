@@ -5,7 +5,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
