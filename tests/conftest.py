@@ -20,6 +20,17 @@ def coco128_dir():
     return COCO128_DIR
 
 
+@pytest.fixture(scope="session")
+def yardstick():
+    """`scripts/real_data_check.py` as a module (scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_data_check", REPO_ROOT / "scripts" / "real_data_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     import keras

@@ -1,24 +1,13 @@
 """The yardstick on a config's own photos (`--config-data`): a folder source, end to end."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Folder names are label sets (folder source, "_" separates labels); colour says the labels.
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 FOLDERS = ("red", "green", "blue", "red_green", "green_blue")
-
-
-def _yardstick():
-    path = os.path.join(ROOT, "scripts", "real_data_check.py")
-    spec = importlib.util.spec_from_file_location("real_data_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _photos(root, per_folder=6):
@@ -36,7 +25,7 @@ def _photos(root, per_folder=6):
     (root / "red" / "broken.jpg").write_bytes(b"not a jpeg")
 
 
-def test_config_data_cross_validates_the_configs_own_photos(tmp_path, capsys, caplog):
+def test_config_data_cross_validates_the_configs_own_photos(tmp_path, capsys, caplog, yardstick):
     _photos(tmp_path / "photos")
     config = {
         "data": {"source": "folder", "train_path": str(tmp_path / "photos"), "val_fraction": 0.2},
@@ -47,7 +36,7 @@ def test_config_data_cross_validates_the_configs_own_photos(tmp_path, capsys, ca
     config_path.write_text(yaml.safe_dump(config))
     out = tmp_path / "check.json"
 
-    assert _yardstick().main(["--config", str(config_path), "--config-data", "--heads", "bce",
+    assert yardstick.main(["--config", str(config_path), "--config-data", "--heads", "bce",
                               "--folds", "3", "--out", str(out)]) == 0
 
     printed = capsys.readouterr().out

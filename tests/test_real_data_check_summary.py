@@ -1,22 +1,7 @@
 """The yardstick's fold arithmetic: the mean over training seeds, their spread, the paired gaps to the probe."""
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def yardstick():
-    spec = importlib.util.spec_from_file_location(
-        "real_data_check", os.path.join(ROOT, "scripts", "real_data_check.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_fold_counts_the_mean_over_seeds_and_keeps_each_seed(yardstick):
