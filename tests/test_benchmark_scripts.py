@@ -38,3 +38,18 @@ def test_benchmark_vs_pytorch_names_the_missing_peer_package_and_the_fix(monkeyp
     monkeypatch.setitem(sys.modules, "torch", None)  # find_spec answers None: as if not installed
     with pytest.raises(SystemExit, match=r"needs torch\b.*HYBRIDNET_WITH_TORCH=1 bash scripts/setup_env.sh"):
         script.main(["--rounds", "1"])
+
+
+def test_benchmark_linear_probe_times_both_blas_settings_and_finds_the_same_probe(coco128_dir):
+    # configs/coco128.yaml: its small CNN needs no downloaded weights, and the timing path is the same.
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "benchmark_linear_probe.py"), "--config",
+         os.path.join(ROOT, "configs", "coco128.yaml"), "--data", str(coco128_dir), "--sizes", "coco128,150",
+         "--labels", "4", "--rounds", "1"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(r"^\| (coco128|150) \((\d+)\) \| ([0-9.]+) .*\| ([0-9.]+e[-+]\d+) \|$", result.stdout, re.M)
+    assert [(name, count) for name, count, _, _ in rows] == [("coco128", "126"), ("150", "150")], result.stdout
+    assert all(float(difference) < 1e-5 for *_, difference in rows)

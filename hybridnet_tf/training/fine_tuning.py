@@ -341,7 +341,9 @@ def _set_from_probe(model, train_features, seed):
     # The unflipped view only: an image and its mirror must not sit on both
     # sides of the probe's cross-validation.
     originals = len(train_features) // train_features.views
-    probe = fit_linear_probe(train_features.pooled()[:originals], train_features.labels[:originals], seed=seed)
+    print(f"phase 1: fitting a linear probe of {originals} images' features (C by 3-fold cross-validation)")
+    probe = fit_linear_probe(train_features.pooled()[:originals], train_features.labels[:originals], seed=seed,
+                             progress=True)
     targets = []
     if layer_or_none(model, SIGMOID_HEAD) is not None:
         set_sigmoid_head(model, probe)

@@ -12,6 +12,13 @@ and scikit-learn solves it in seconds.
 One `LogisticRegression` per label on standardised features; one C for all
 labels, chosen by 3-fold cross-validated mAP. A label that never occurs (or
 always occurs) in the training images gets a constant score.
+
+The fits run with BLAS held to one thread (`threadpoolctl`, a scikit-learn
+dependency). scikit-learn's lbfgs loss runs its own OpenMP threads, and
+OpenBLAS's threads beside them oversubscribe the cores (scikit-learn issue
+32162). On 2 cores that made the probe 17x slower on 1000 photos and 5x on
+3000, with the same kernel; on coco128's 126 it made no difference
+(`scripts/benchmark_linear_probe.py`, docs/performance.md).
 """
 
 import numpy as np
@@ -66,7 +73,8 @@ def _fit(features, labels, c):
     return kernel, bias
 
 
-def fit_linear_probe(features, labels, seed=0, c_grid=C_GRID, max_search_examples=5000):
+def fit_linear_probe(features, labels, seed=0, c_grid=C_GRID, max_search_examples=5000, blas_threads=1,
+                     progress=False):
     """Fits a `LinearProbe`, its C chosen by 3-fold cross-validated mAP.
 
     Args:
@@ -76,10 +84,26 @@ def fit_linear_probe(features, labels, seed=0, c_grid=C_GRID, max_search_example
         c_grid: the C values tried.
         max_search_examples: the C search runs on a seeded subsample of at
             most this many examples (the final fit uses all).
+        blas_threads: BLAS threads during the fits (see the module docstring);
+            None leaves BLAS as it is.
+        progress: show a progress bar over the fits (each of all labels).
 
     Returns:
         A `LinearProbe`.
     """
+    from threadpoolctl import threadpool_limits
+
+    from hybridnet_tf.console import progress_bar
+
+    searched = len(features) >= 6 and len(c_grid) > 1
+    bar = progress_bar(3 * len(c_grid) * searched + 1, unit_name="fit") if progress else None
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        return _search_and_fit(features, labels, seed, c_grid, max_search_examples, bar)
+
+
+def _search_and_fit(features, labels, seed, c_grid, max_search_examples, bar=None):
+    """`fit_linear_probe`'s C search by 3-fold CV mAP and its final fit, under the caller's BLAS
+    limit; `bar` (a progress bar or None) advances once per fit of all labels."""
     from sklearn.model_selection import KFold
 
     from hybridnet_tf.evaluation.metrics import mean_average_precision
@@ -100,9 +124,14 @@ def fit_linear_probe(features, labels, seed=0, c_grid=C_GRID, max_search_example
                 probe = LinearProbe(*_fit(features[fit_rows], labels[fit_rows], c), c)
                 mean_ap, _ = mean_average_precision(labels[test_rows], probe.scores(features[test_rows]))
                 maps.append(mean_ap)
+                if bar is not None:
+                    bar.add(1)
             if np.nanmean(maps) > best_map:
                 best_c, best_map = c, float(np.nanmean(maps))
-    return LinearProbe(*_fit(features, labels, best_c), best_c)
+    probe = LinearProbe(*_fit(features, labels, best_c), best_c)
+    if bar is not None:
+        bar.add(1)
+    return probe
 
 
 def set_sigmoid_head(model, probe):
