@@ -95,15 +95,17 @@ def fit_linear_probe(features, labels, seed=0, c_grid=C_GRID, max_search_example
 
     from hybridnet_tf.console import progress_bar
 
-    searched = len(features) >= 6 and len(c_grid) > 1
-    bar = progress_bar(3 * len(c_grid) * searched + 1, unit_name="fit") if progress else None
+    # Too few examples for 3 folds, or one C: the final fit alone.
+    c_grid = c_grid if len(features) >= 6 else c_grid[:1]
+    bar = progress_bar(3 * len(c_grid) * (len(c_grid) > 1) + 1, unit_name="fit") if progress else None
     with threadpool_limits(limits=blas_threads, user_api="blas"):
         return _search_and_fit(features, labels, seed, c_grid, max_search_examples, bar)
 
 
 def _search_and_fit(features, labels, seed, c_grid, max_search_examples, bar=None):
-    """`fit_linear_probe`'s C search by 3-fold CV mAP and its final fit, under the caller's BLAS
-    limit; `bar` (a progress bar or None) advances once per fit of all labels."""
+    """`fit_linear_probe`'s C search by 3-fold CV mAP (when `c_grid` has several values) and its
+    final fit, under the caller's BLAS limit; `bar` (a progress bar or None) advances once per fit
+    of all labels."""
     from sklearn.model_selection import KFold
 
     from hybridnet_tf.evaluation.metrics import mean_average_precision
@@ -115,7 +117,7 @@ def _search_and_fit(features, labels, seed, c_grid, max_search_examples, bar=Non
     if len(search) > max_search_examples:
         search = rng.choice(search, max_search_examples, replace=False)
     best_c, best_map = c_grid[0], -1.0
-    if len(search) >= 6 and len(c_grid) > 1:
+    if len(c_grid) > 1:
         folds = list(KFold(3, shuffle=True, random_state=seed).split(search))
         for c in c_grid:
             maps = []
