@@ -20,15 +20,26 @@ def coco128_dir():
     return COCO128_DIR
 
 
-@pytest.fixture(scope="session")
-def yardstick():
-    """`scripts/real_data_check.py` as a module (scripts are not a package)."""
+def _script_module(name):
+    """`scripts/<name>.py` as a module (scripts are not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("real_data_check", REPO_ROOT / "scripts" / "real_data_check.py")
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def script_module():
+    """`script_module(name)`: `scripts/<name>.py` as a module."""
+    return _script_module
+
+
+@pytest.fixture(scope="session")
+def yardstick():
+    """`scripts/real_data_check.py` as a module."""
+    return _script_module("real_data_check")
 
 
 @pytest.fixture(autouse=True)

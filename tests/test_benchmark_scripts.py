@@ -25,16 +25,11 @@ def test_benchmark_heads_runs_with_the_default_decoder_and_prints_every_row():
     assert all(float(seconds) > 0 for seconds in rows.values())
 
 
-def test_benchmark_vs_pytorch_names_the_missing_peer_package_and_the_fix(monkeypatch):
+def test_benchmark_vs_pytorch_names_the_missing_peer_package_and_the_fix(monkeypatch, script_module):
     # Without torch it used to stop on a bare ModuleNotFoundError after loading TensorFlow.
-    import importlib.util
-
     import pytest
 
-    spec = importlib.util.spec_from_file_location("benchmark_vs_pytorch", os.path.join(ROOT, "scripts",
-                                                                                       "benchmark_vs_pytorch.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = script_module("benchmark_vs_pytorch")
     monkeypatch.setitem(sys.modules, "torch", None)  # find_spec answers None: as if not installed
     with pytest.raises(SystemExit, match=r"needs torch\b.*HYBRIDNET_WITH_TORCH=1 bash scripts/setup_env.sh"):
         script.main(["--rounds", "1"])
