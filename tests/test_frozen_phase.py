@@ -1,5 +1,7 @@
 """Pretrained BatchNorm stays put, cached features, the linear-probe head and the cached frozen phase."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -174,6 +176,19 @@ def test_linear_probe_ranks_separable_labels_and_sets_the_sigmoid_head():
     set_sigmoid_head(model, probe_padded)
     heads = build_head_model(model)(padded, training=False)
     np.testing.assert_allclose(heads["scores"].numpy(), probe_padded.scores(padded), atol=1e-5)
+
+
+def test_linear_probe_scores_far_logits_without_overflow_and_keep_their_order():
+    # A large C gave logits below -88, and 1 / (1 + exp(-x)) warned of overflow in float32.
+    from hybridnet_tf.training.linear_probe import LinearProbe
+
+    probe = LinearProbe(np.array([[1.0]], np.float32), np.zeros(1, np.float32), c=10.0)
+    logits = np.array([[-200.0], [-30.0], [0.0], [30.0], [200.0]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = probe.scores(logits)
+    assert np.all(np.isfinite(scores)) and np.all(np.diff(scores[:, 0]) >= 0)
+    assert scores[2, 0] == pytest.approx(0.5) and scores[1, 0] == pytest.approx(9.4e-14, rel=1e-2)
 
 
 def test_linear_probe_fits_with_blas_held_to_one_thread_and_the_same_kernel(monkeypatch):

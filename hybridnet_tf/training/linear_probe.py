@@ -47,7 +47,10 @@ class LinearProbe:
 
     def scores(self, features):
         """Probabilities [N, L]."""
-        return 1.0 / (1.0 + np.exp(-self.logits(features)))
+        from scipy.special import expit
+
+        # 1 / (1 + exp(-x)) overflows (with a RuntimeWarning) where a large C gives logits below -88.
+        return expit(self.logits(features))
 
 
 def _fit(features, labels, c):
