@@ -43,6 +43,7 @@ every fold's numbers; the Markdown table is printed and written beside it.
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -152,6 +153,11 @@ def backbone_features(config, images):
     return cached.pooled(), cached.labels
 
 
+def rows_of(index_of, part):
+    """The rows of `backbone_features` that hold `part`'s images (`index_of`: path -> row)."""
+    return np.array([index_of[path] for path in part.paths])
+
+
 def run_probe(config, features, labels, index_of, train_part, val_part, test_part, seed):
     """The anchor: `linear_probe.fit_linear_probe` (one-vs-rest logistic regression on
     standardised frozen features, one C for all labels by 3-fold CV mAP)."""
@@ -159,7 +165,7 @@ def run_probe(config, features, labels, index_of, train_part, val_part, test_par
     from hybridnet_tf.training.linear_probe import fit_linear_probe
 
     start = time.perf_counter()
-    rows = lambda part: np.array([index_of[p] for p in part.paths])  # noqa: E731
+    rows = functools.partial(rows_of, index_of)
     probe = fit_linear_probe(features[rows(train_part)], labels[rows(train_part)], seed=seed)
     predict, c = probe.scores, probe.c
     tuned = None
