@@ -122,8 +122,10 @@ def main(argv=None):
     batch = config["eval"]["batch_size"]
     per_label_folds = []
     if args.by_training_photos:
+        from hybridnet_tf.training.linear_probe import fit_linear_probe
+
         features, labels = yardstick.backbone_features(config, images)
-        index_of = {path: i for i, path in enumerate(images.paths)}
+        rows = functools.partial(yardstick.rows_of, {path: i for i, path in enumerate(images.paths)})
     for fold, (train_part, val_part, test_part) in enumerate(
         yardstick.fold_parts(images, config, args.folds, args.seed)
     ):
@@ -140,9 +142,6 @@ def main(argv=None):
             row["share_of_ones"] = float(np.mean(s_test >= 0.999))
             results[rule].append(row)
         if args.by_training_photos:
-            from hybridnet_tf.training.linear_probe import fit_linear_probe
-
-            rows = functools.partial(yardstick.rows_of, index_of)
             probe = fit_linear_probe(features[rows(train_part)], labels[rows(train_part)],
                                      seed=config["train"]["seed"], progress=False)  # the yardstick's probe seed
             y_test = scored[RULES[0]][1][0]
