@@ -142,14 +142,15 @@ def main(argv=None):
             row["share_of_ones"] = float(np.mean(s_test >= 0.999))
             results[rule].append(row)
         if args.by_training_photos:
-            probe = fit_linear_probe(features[rows(train_part)], labels[rows(train_part)],
+            train_rows, test_rows = rows(train_part), rows(test_part)
+            probe = fit_linear_probe(features[train_rows], labels[train_rows],
                                      seed=config["train"]["seed"], progress=False)  # the yardstick's probe seed
             y_test = scored[RULES[0]][1][0]
-            if not np.array_equal(y_test, labels[rows(test_part)]):
+            if not np.array_equal(y_test, labels[test_rows]):
                 raise SystemExit("the test fold's labels differ between the model's dataset and the probe's")
             per_label_folds.append({
-                "y": y_test, "train_counts": labels[rows(train_part)].sum(axis=0),
-                "scores": {"probe": probe.scores(features[rows(test_part)]),
+                "y": y_test, "train_counts": labels[train_rows].sum(axis=0),
+                "scores": {"probe": probe.scores(features[test_rows]),
                            **{rule: scored[rule][1][1] for rule in RULES}},
             })
         print(f"fold {fold + 1}: " + "  ".join(
