@@ -296,3 +296,31 @@ def test_phases_are_lengthened_to_their_minimum_steps():
     assert _lengthened(6, 10, 0) == 6
     assert _lengthened(6, 10, 1000) == 100
     assert _lengthened(200, 10, 1000) == 200
+
+
+def test_the_bce_probe_is_logged_and_a_worse_fine_tuned_epoch_does_not_replace_it(tmp_path, monkeypatch):
+    # The bce head has nothing to train on cached features: the probe is the frozen phase's model.
+    # Its val metrics are the epoch log's row, so the fine-tuning phase's best.keras must beat them.
+    from hybridnet_tf.training.callbacks import read_epoch_log
+
+    probes = _recorded_probes(monkeypatch, "set_sigmoid_head")
+    model = build_model(4, head="bce", **SMALL)
+    images, labels = images_and_labels(count=24)
+    train_data, val_data = dataset(images, labels), dataset(images[:8], labels[:8])
+    train_in_phases(
+        model, train_data, val_data, np.arange(4), str(tmp_path), steps_per_epoch=3, epochs=3,
+        # A learning rate that wrecks the heads in the fine-tuning phase.
+        optimization=Optimization(learning_rate=3.0, batch_size=8),
+        checkpointing=Checkpointing(monitor="val_mAP", verbose=0),
+        schedule=PhaseSchedule(frozen_epochs=1, learning_rate_factor=1.0,
+                               feature_cache=FeatureCacheInputs(train_data, seed=0)),
+    )
+    (probe,) = probes
+    header, rows = read_epoch_log(tmp_path / "history.csv")
+    assert [row["epoch"] for row in rows] == [0, 1, 2]
+    assert "loss" not in rows[0] and "loss" in rows[1] and "loss" in header  # the column came with phase 2
+    best = keras.models.load_model(tmp_path / "best.keras", safe_mode=True)
+    val_scores = best.predict(images[:8], verbose=0)["scores"]
+    assert np.isclose(rows[0]["val_mAP"], mean_average_precision(labels[:8], val_scores)[0])
+    assert max(row["val_mAP"] for row in rows[1:]) < rows[0]["val_mAP"]  # the fine-tuned epochs are worse ...
+    np.testing.assert_array_equal(best.get_layer(SIGMOID_HEAD).dense.kernel.numpy(), probe.kernel)  # ... and lost

@@ -68,6 +68,20 @@ def test_a_line_cut_by_a_kill_is_dropped(tmp_path):
     assert all(len(line) == 3 for line in lines)
 
 
+def test_a_fit_that_logs_other_columns_widens_the_header_and_keeps_every_value(tmp_path):
+    # The probe's row holds val metrics only; the fine-tuning phase after it also logs its loss.
+    with open(tmp_path / "history.csv", "w", newline="") as f:
+        f.write("epoch,val_mAP,val_OF1\n0,0.7,0.4\n")
+    run_logger(tmp_path, first_epoch=1, last_epoch=2, planned_epochs=3)
+    header, rows = read_epoch_log(str(tmp_path / "history.csv"))
+    assert header == ["epoch", "val_mAP", "val_OF1", "loss"]
+    assert rows == [
+        {"epoch": 0, "val_mAP": 0.7, "val_OF1": 0.4},
+        {"epoch": 1, "val_mAP": 0.5, "loss": 10.0},
+        {"epoch": 2, "val_mAP": 0.5, "loss": 11.0},
+    ]
+
+
 class StopAtEpoch(keras.callbacks.Callback):
     def __init__(self, epoch):
         super().__init__()

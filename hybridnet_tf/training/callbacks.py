@@ -512,6 +512,25 @@ class RunHistoryLogger(keras.callbacks.CSVLogger):
         if self._first_epoch is None:
             self._first_epoch = epoch
 
+    def _match_columns(self, logs):
+        """Writes this fit's rows under the file's header, widened by any new column.
+
+        `CSVLogger` appends rows in the sorted order of this fit's keys under
+        a header it does not read: a fit that logs other keys than the
+        earlier one (the probe's row of val metrics, then a fine-tuning
+        phase that also logs its loss) would write rows that do not match it.
+        """
+        header, rows = read_epoch_log(self.filename)
+        if not header:
+            return
+        columns = header[1:] + [key for key in sorted(logs) if key not in header]
+        if len(columns) > len(header) - 1:
+            self.csv_file.close()
+            _write_epoch_log(self.filename, ["epoch"] + columns, rows)
+            self.csv_file = open(self.filename, "a", newline="", encoding="utf-8")
+        self.keys = columns
+        self.append_header = False
+
     def rows(self):
         """The run's epoch rows so far, each epoch once, in order."""
         if self._final_rows is not None:
@@ -525,6 +544,8 @@ class RunHistoryLogger(keras.callbacks.CSVLogger):
         return each_epoch_once(earlier + this_fit)
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.writer is None:
+            self._match_columns(logs or {})
         super().on_epoch_end(epoch, logs)
         write_json_atomically(self.json_path, history_of(self.rows()))
 

@@ -282,7 +282,7 @@ def _frozen_phase(model, epochs, steps_per_epoch, optimization, schedule, common
         print(f"phase 1: backbone frozen for {epochs} epoch(s) of {steps} steps")
         return train(model, epochs=epochs, optimization=optimization, steps_per_epoch=steps, **common)
     from hybridnet_tf.training.feature_cache import extract_features
-    from hybridnet_tf.training.head_phase import cached_batch_size, train_heads_on_features
+    from hybridnet_tf.training.head_phase import cached_batch_size, save_fixed_heads, train_heads_on_features
 
     batch_size = cached_batch_size(optimization)  # before minutes of feature extraction
     start = time.perf_counter()
@@ -303,7 +303,10 @@ def _frozen_phase(model, epochs, steps_per_epoch, optimization, schedule, common
     if probe_layers:
         _set_from_probe(model, train_features, feature_cache.seed or 0)
         if decoder is None:
-            return _save_without_training(model, common["run_dir"])
+            # Nothing left to train: the probe is the phase's model, and its val
+            # metrics are the row a fine-tuned epoch must beat.
+            return save_fixed_heads(model, val_features, common["label_rank"], common["run_dir"], epoch=epochs - 1,
+                                    threshold=checkpointing.threshold, seed=feature_cache.seed)
         score_mix = layer_or_none(model, "score_mix")
         if score_mix is not None and score_mix.sigmoid_weight == 1.0 and checkpointing.monitor == "val_mAP":
             # The scores are the fixed probe's: pick the decoder's epoch by its label sets.
@@ -354,14 +357,3 @@ def _set_from_probe(model, train_features, seed):
         targets.append("decoder's image logits")
     print(f"phase 1: {' and '.join(targets)} set by a linear probe (logistic regression, C={probe.c:g}) "
           f"in {time.perf_counter() - start:.1f} s; fixed while the decoder trains")
-
-
-def _save_without_training(model, run_dir):
-    """best.keras and last.keras of a model with nothing left to train in this phase."""
-    from hybridnet_tf.training.callbacks import save_model_atomically
-
-    for name in ("best.keras", "last.keras"):
-        save_model_atomically(model, os.path.join(run_dir, name))
-    history = keras.callbacks.History()
-    history.history = {}
-    return history

@@ -144,3 +144,44 @@ def train_heads_on_features(
     )
     save_model_atomically(model, os.path.join(run_dir, "best.keras"))
     return history
+
+
+def save_fixed_heads(model, val_features, label_rank, run_dir, epoch, threshold=0.5, seed=None):
+    """Writes best.keras and last.keras of a model whose heads are set already (by a linear probe),
+    and its val metrics as row `epoch` of the epoch log.
+
+    With the row, a later phase's `best.keras` must beat the probe's val
+    metrics to replace it (its checkpoint reads the earlier rows), and
+    `history.json` shows what the probe scored.
+
+    Args:
+        model: the inference model, heads set.
+        val_features: `CachedFeatures` of the val images, or None (then no row).
+        label_rank: [L] decoding order of the labels (for `val_loss`).
+        run_dir: the run directory.
+        epoch: the index the row gets: the last epoch of the phase it ends.
+        threshold: score threshold for CF1 / OF1.
+        seed: seed of the `random` label order's val sequences.
+
+    Returns:
+        A `keras.callbacks.History` with the row (empty without val features).
+    """
+    for name in ("best.keras", "last.keras"):
+        save_model_atomically(model, os.path.join(run_dir, name))
+    history = keras.callbacks.History()
+    history.history, history.epoch = {}, []
+    if val_features is None:
+        return history
+    metrics = ValidationMetrics(model, val_features.to_dataset(64), threshold=threshold, label_rank=label_rank,
+                                from_features=True, seed=seed)
+    logger = RunHistoryLogger(os.path.join(run_dir, EPOCH_LOG), os.path.join(run_dir, HISTORY_FILE))
+    logs = {}
+    for callback in (metrics, logger):
+        callback.set_model(model)
+    logger.on_train_begin()
+    logger.on_epoch_begin(epoch)
+    metrics.on_epoch_end(epoch, logs)
+    logger.on_epoch_end(epoch, logs)
+    logger.on_train_end()
+    history.history, history.epoch = {key: [value] for key, value in logs.items()}, [epoch]
+    return history
