@@ -496,14 +496,15 @@ class RunHistoryLogger(keras.callbacks.CSVLogger):
         super().__init__(csv_path, append=True)
         self.json_path = json_path
         self._earlier = []
+        self._header = []
         self._first_epoch = None
         self._final_rows = None
 
     def on_train_begin(self, logs=None):
-        header, self._earlier = read_epoch_log(self.filename)
-        if header:
+        self._header, self._earlier = read_epoch_log(self.filename)
+        if self._header:
             # Drops a line a kill may have cut short, so appending starts on a new line.
-            _write_epoch_log(self.filename, header, self._earlier)
+            _write_epoch_log(self.filename, self._header, self._earlier)
         self._first_epoch = None
         self._final_rows = None
         super().on_train_begin(logs)
@@ -520,13 +521,14 @@ class RunHistoryLogger(keras.callbacks.CSVLogger):
         earlier one (the probe's row of val metrics, then a fine-tuning
         phase that also logs its loss) would write rows that do not match it.
         """
-        header, rows = read_epoch_log(self.filename)
+        # The file holds what on_train_begin wrote: `_header` and `_earlier`.
+        header = self._header
         if not header:
             return
         columns = header[1:] + [key for key in sorted(logs) if key not in header]
         if len(columns) > len(header) - 1:
             self.csv_file.close()
-            _write_epoch_log(self.filename, ["epoch"] + columns, rows)
+            _write_epoch_log(self.filename, ["epoch"] + columns, self._earlier)
             self.csv_file = open(self.filename, "a", newline="", encoding="utf-8")
         self.keys = columns
         self.append_header = False
