@@ -324,3 +324,11 @@ def test_the_bce_probe_is_logged_and_a_worse_fine_tuned_epoch_does_not_replace_i
     assert np.isclose(rows[0]["val_mAP"], mean_average_precision(labels[:8], val_scores)[0])
     assert max(row["val_mAP"] for row in rows[1:]) < rows[0]["val_mAP"]  # the fine-tuned epochs are worse ...
     np.testing.assert_array_equal(best.get_layer(SIGMOID_HEAD).dense.kernel.numpy(), probe.kernel)  # ... and lost
+    # TensorBoard has the probe's val mAP at its epoch, beside the fine-tuned epochs'.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "logs" / "validation"), size_guidance={"tensors": 0})
+    events.Reload()
+    logged = {event.step: float(tf.make_ndarray(event.tensor_proto)) for event in events.Tensors("epoch_mAP")}
+    assert sorted(logged) == [0, 1, 2]
+    assert np.isclose(logged[0], rows[0]["val_mAP"]) and np.isclose(logged[2], rows[2]["val_mAP"])
