@@ -36,6 +36,11 @@ figure; the JSON keeps each seed's numbers, and the table gains the seed
 spread (the mean over folds of the std over seeds) and each head's paired gap
 to the probe.
 
+The recipe's fine-tuning phase does not repeat run to run on CPU unless
+`train.deterministic` is set (docs/real_data.md): for a before/after pair of
+a change that should move no number, add `--set train.deterministic=true` to
+both sides.
+
 `--set key=value` overrides config keys for every head (e.g.
 `--set train.epochs=3`); `--heads bce` runs one head; a head may carry its
 own overrides after colons, e.g. `--heads hybrid,hybrid:model.decoder=attention`. The JSON holds
