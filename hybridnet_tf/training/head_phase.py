@@ -15,7 +15,6 @@ best weights by `monitor`, which it leaves in the model) for the whole model.
 import os
 
 import keras
-import tensorflow as tf
 
 from hybridnet_tf.console import fit_verbosity
 from hybridnet_tf.model.hybridnet import FEATURES, with_training_targets
@@ -26,7 +25,7 @@ from hybridnet_tf.training.callbacks import (
     save_model_atomically,
 )
 from hybridnet_tf.training.settings import Checkpointing, Optimization
-from hybridnet_tf.training.tensorboard_summaries import summaries_for_run
+from hybridnet_tf.training.tensorboard_summaries import summaries_for_run, write_val_scalars
 from hybridnet_tf.training.trainer import EPOCH_LOG, HISTORY_FILE, compile_training_model
 
 
@@ -147,20 +146,6 @@ def train_heads_on_features(
     return history
 
 
-def _write_val_scalars(log_dir, logs, epoch):
-    """Writes `logs`' val metrics where Keras' TensorBoard callback writes an epoch's (`validation/epoch_<name>`).
-
-    The callback itself cannot: it reads the learning rate from `model.optimizer`,
-    which a model that was never compiled lacks.
-    """
-    writer = tf.summary.create_file_writer(os.path.join(log_dir, "validation"))
-    with writer.as_default():
-        for key, value in logs.items():
-            if key.startswith("val_"):
-                tf.summary.scalar("epoch_" + key[len("val_"):], value, step=epoch)
-    writer.close()
-
-
 def save_fixed_heads(model, val_features, label_rank, run_dir, epoch, threshold=0.5, seed=None):
     """Writes best.keras and last.keras of a model whose heads are set already (by a linear probe),
     and its val metrics as row `epoch` of the epoch log and as TensorBoard's epoch scalars.
@@ -198,6 +183,6 @@ def save_fixed_heads(model, val_features, label_rank, run_dir, epoch, threshold=
     metrics.on_epoch_end(epoch, logs)
     logger.on_epoch_end(epoch, logs)
     logger.on_train_end()
-    _write_val_scalars(os.path.join(run_dir, "logs"), logs, epoch)
+    write_val_scalars(os.path.join(run_dir, "logs"), logs, epoch)
     history.history, history.epoch = {key: [value] for key, value in logs.items()}, [epoch]
     return history

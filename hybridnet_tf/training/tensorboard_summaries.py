@@ -15,6 +15,8 @@ Images and HParams dashboards read them:
 Keras' own `TensorBoard` callback keeps `logs/train` and `logs/validation`;
 a second writer in one of its folders would make TensorBoard skip events
 (it reads one event file per folder at a time), hence the own folder.
+`write_val_scalars` adds an epoch that no fit ran (the probe's) to
+`logs/validation`, with a writer closed before the next fit opens its own.
 """
 
 import logging
@@ -70,6 +72,27 @@ def write_hparams(log_dir, hparams, trial_id=None):
             metrics=[hp.Metric(tag, group=group, display_name=name) for tag, group, name in HPARAM_METRICS],
         )
         hp.hparams(hparams, trial_id=trial_id)
+    writer.close()
+
+
+def write_val_scalars(log_dir, logs, epoch):
+    """Writes `logs`' val metrics as Keras' `TensorBoard` callback writes an epoch's: `validation/epoch_<name>`.
+
+    For an epoch that no `fit` ran (the probe's): the callback cannot write
+    it, as it reads the learning rate from `model.optimizer`, which a model
+    that was never compiled lacks. The writer is closed before it returns,
+    so it is never beside the callback's own writer in that folder.
+
+    Args:
+        log_dir: the run's TensorBoard root (`run_dir/logs`).
+        logs: `{name: value}`; the `val_` ones are written.
+        epoch: the step.
+    """
+    writer = tf.summary.create_file_writer(os.path.join(log_dir, "validation"))
+    with writer.as_default():
+        for key, value in logs.items():
+            if key.startswith("val_"):
+                tf.summary.scalar("epoch_" + key[len("val_"):], value, step=epoch)
     writer.close()
 
 
