@@ -127,7 +127,8 @@ DEFAULTS = {
         "warmup_epochs": 1,
         "seed": 0,
         # same seed, same weights: TF op determinism and an ordered tf.data pipeline (slower;
-        # on a GPU only as deterministic as its kernels)
+        # on a GPU only as deterministic as its kernels; on a busy CPU bit-identical only with
+        # TF_NUM_INTEROP_THREADS=1 TF_NUM_INTRAOP_THREADS=1, docs/training_at_scale.md)
         "deterministic": False,
         # compute: "auto" is XLA / mixed_float16 on a (Tensor Core) GPU, off / float32 on CPU
         "jit_compile": "auto",
