@@ -326,8 +326,9 @@ def test_int8_matches_float_on_a_trained_demo_run(tmp_path):
     """Acceptance of int8: top-label agreement >= 95 % and mAP within 2 points on demo val.
 
     Uses the run in HYBRIDNET_TRAINED_RUN if set, else trains the demo
-    config for 8 epochs here (~2-4 min on 2 cores; measured 99.4-100 %
-    agreement and a mAP drop of 0.05 points on two such runs).
+    config on a short schedule here (2 min 41 s alone on 2 AVX2 cores, the
+    whole test; measured: agreement 97.8 %, mAP 0.9989 float, 0.9990 int8).
+    The demo's full schedule made this one test 8 min 16 s of CI.
     """
     from hybridnet_tf.evaluation.metrics import mean_average_precision
     from hybridnet_tf.run_files import load_run
@@ -339,7 +340,10 @@ def test_int8_matches_float_on_a_trained_demo_run(tmp_path):
         run_dir = str(tmp_path / "run")
         demo = str(tmp_path / "demo")
         config_path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
-        run_train(load_config(config_path, ["train.epochs=8", f"data.demo_dir={demo}"]), run_dir, verbose=0)
+        # A shorter schedule than the demo's (5 warm-start epochs, 8 frozen ones of one pass
+        # each): a trained model is what matters here, not the demo's best one.
+        settings = ["train.warm_start_epochs=5", "train.epochs=8", "train.frozen_steps=0", f"data.demo_dir={demo}"]
+        run_train(load_config(config_path, settings), run_dir, verbose=0)
     config, vocabulary, model = load_run(run_dir)
     val = load_splits(config["data"]).val
     dataset = as_dataset(val, config, False, batch_size=64)
