@@ -11,6 +11,7 @@ from hybridnet_tf.cli import main
 TINY = [
     "data.demo_train=64", "data.demo_val=16", "data.demo_image_size=32", "data.test_fraction=0.25",
     "train.epochs=1", "train.batch_size=16", "model.gru_units=16", "model.embedding_dim=8",
+    "train.warm_start_epochs=1", "train.frozen_steps=0",  # short phases: this file tests evaluation
 ]
 
 

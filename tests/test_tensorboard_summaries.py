@@ -82,6 +82,7 @@ def trained_run(tmp_path_factory):
         "data.demo_image_size=32", "train.epochs=2", "train.batch_size=16",
         "model.gru_units=16", "model.embedding_dim=8",
         "train.tensorboard_images_every=1", "train.tensorboard_images=3",
+        "train.warm_start_epochs=1", "train.frozen_steps=0",  # short phases: this file tests the logs
     ]
     code = main(["train", "--config", "configs/demo.yaml", "--run-dir", str(run_dir),
                  *sum((["--set", s] for s in settings), [])])
