@@ -42,7 +42,7 @@ def max_weight_difference(run_a, run_b):
     return max(float(np.abs(a - b).max()) for a, b in pairs)
 
 
-@pytest.mark.slow  # three training processes: ~1 min on 2 CPU cores
+@pytest.mark.slow  # three single-threaded training processes: 171-179 s beside two busy processes
 def test_two_deterministic_runs_give_the_same_weights_and_another_seed_does_not(tmp_path):
     demo_dir = str(tmp_path / "demo")
     runs = {name: str(tmp_path / name) for name in ("a", "b", "other_seed")}
