@@ -319,6 +319,7 @@ def main(argv=None):
         if saved.get("run") == run_key:
             results = saved["folds"]
             print(f"resuming after {len(results)} finished fold(s) in {partial}")
+    resumed = len(results)
     for fold, (train_part, val_part, test_part) in enumerate(fold_parts(images, base, args.folds, args.seed)):
         if fold < len(results):
             continue
@@ -365,7 +366,11 @@ def main(argv=None):
         + (f" with {' '.join(args.set)}" if args.set else "")
         + (f"; each head trained with train.seed {', '.join(map(str, train_seeds))}, the fold's figure "
            "the mean over seeds" if train_seeds else "")
-        + f"; threshold t = {base['eval']['threshold']}; total wall time {total / 60:.1f} min."
+        + f"; threshold t = {base['eval']['threshold']}; "
+        # A resumed run's clock saw only the folds it ran; say so rather than pass it off as the total.
+        + (f"wall time {total / 60:.1f} min for the {len(results) - resumed} fold(s) run now, resumed after "
+           f"{resumed} finished fold(s) of {os.path.basename(partial)}." if resumed
+           else f"total wall time {total / 60:.1f} min.")
     )
     spread, gaps = seed_spread(results, heads), gaps_to_probe(results, heads)
     table = markdown_table(summary, args.folds, note) + "\n".join(gap_lines(gaps, len(results), spread)) + "\n"
@@ -374,7 +379,8 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"config": base, "folds": results, "summary": summary, "seed_spread": spread,
-                       "gaps_to_probe": gaps, "seconds": total}, f, indent=1)
+                       "gaps_to_probe": gaps, "seconds": total,
+                       "resumed_after_folds": resumed}, f, indent=1)
         with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as f:
             f.write(table)
     return 0

@@ -49,3 +49,17 @@ def test_config_data_cross_validates_the_configs_own_photos(tmp_path, capsys, ca
     assert result["summary"]["probe"]["mAP"][0] > 0.9
     assert result["summary"]["bce"]["mAP"][0] > 0.9
     assert "30 photos (folder data of" in out.with_suffix(".md").read_text()
+
+    # An interrupted run (here: cut back to its first fold) picks up after the folds it finished,
+    # keeps them as they were, and its note does not pass the shorter clock off as the total.
+    partial = tmp_path / "check.partial.json"
+    saved = json.loads(partial.read_text())
+    first_fold = saved["folds"][0]
+    partial.write_text(json.dumps({"run": saved["run"], "folds": [first_fold]}))
+    assert yardstick.main(["--config", str(config_path), "--config-data", "--heads", "bce",
+                              "--folds", "3", "--out", str(out)]) == 0
+    assert "resuming after 1 finished fold(s)" in capsys.readouterr().out
+    resumed = json.loads(out.read_text())
+    assert len(resumed["folds"]) == 3 and resumed["folds"][0] == first_fold
+    assert resumed["resumed_after_folds"] == 1 and result["resumed_after_folds"] == 0
+    assert "run now, resumed after 1 finished fold(s) of check.partial.json" in out.with_suffix(".md").read_text()
