@@ -321,7 +321,7 @@ def main(argv=None):
             print(f"resuming after {len(results)} finished fold(s) in {partial}")
     resumed = len(results)
     for fold, (train_part, val_part, test_part) in enumerate(fold_parts(images, base, args.folds, args.seed)):
-        if fold < len(results):
+        if fold < resumed:
             continue
         splits = files_splits(train_part, val_part)
         # The anchor is fitted with the seeds the heads train with (once per seed with several):
