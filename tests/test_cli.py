@@ -9,16 +9,12 @@ import re
 
 import pytest
 
+from tiny_demo import tiny_demo_train
+
 from hybridnet_tf.cli import main
 
-TINY = [
-    "data.demo_train=96",
-    "data.demo_val=32",
-    "data.demo_image_size=32",
+PHASES = [
     "train.epochs=2",
-    "train.batch_size=16",
-    "model.gru_units=32",
-    "model.embedding_dim=16",
     # The demo's warm start and frozen phase are the phases' own tests' concern; three warm-start
     # epochs (not 1: Keras prints no "Epoch 1/1"; not 2: the count below tells the phases apart)
     # and one pass per frozen epoch keep the CLI's paths in less time.
@@ -34,10 +30,7 @@ def trained_run(tmp_path_factory):
     demo_dir = str(root / "demo")
     log = io.StringIO()  # stdout as in a log file: not a terminal
     with contextlib.redirect_stdout(log):
-        code = main(
-            ["train", "--config", "configs/demo.yaml", "--run-dir", run_dir,
-             "--set", f"data.demo_dir={demo_dir}", *sum((["--set", s] for s in TINY), [])]
-        )
+        code = main(tiny_demo_train(run_dir, demo_dir, *PHASES, train=96, val=32, gru_units=32, embedding_dim=16))
     assert code == 0
     (root / "train_stdout.log").write_text(log.getvalue())
     return run_dir, demo_dir

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from tiny_demo import JOINT_FIT_ONLY, tiny_demo_train
 
 from hybridnet_tf.run_files import load_run_model
 
@@ -15,17 +16,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def train_in_a_process(run_dir, demo_dir, *extra):
     # A process each: op determinism is process-wide and cannot be switched off again.
-    sets = [
-        f"data.demo_dir={demo_dir}", "data.demo_train=64", "data.demo_val=16", "data.demo_image_size=32",
-        "train.epochs=2", "train.batch_size=8", "model.gru_units=16", "model.embedding_dim=8",
+    command = [sys.executable, "-m", "hybridnet_tf.cli"] + tiny_demo_train(
+        run_dir, demo_dir, "train.epochs=2",
         # Random crops, flips and dropout: every random draw must repeat.
         "data.resize=random_resized_crop", "data.cache=none",
         # The joint fit: the quickest schedule. With the demo's warm start and frozen phase the
         # decoder's weights differed by up to 2e-6 between two processes in about half the runs.
-        "train.warm_start_epochs=0", "train.frozen_epochs=0", *extra,
-    ]
-    command = [sys.executable, "-m", "hybridnet_tf.cli", "train", "--config", "configs/demo.yaml",
-               "--run-dir", run_dir, *sum((["--set", s] for s in sets), [])]
+        *JOINT_FIT_ONLY, *extra, batch_size=8,
+    )
     # One thread in each of TF's pools: with the default pools, two runs gave weights 1e-7 to 9e-5
     # apart when other processes competed for the CPU (pytest-xdist's other worker); with one
     # thread each they are bit-identical under the same load (docs/training_at_scale.md).

@@ -6,12 +6,13 @@ import os
 import pytest
 from PIL import Image
 
+from tiny_demo import tiny_demo_train
+
 from hybridnet_tf.cli import main
 
-TINY = [
-    "data.demo_train=64", "data.demo_val=16", "data.demo_image_size=32", "data.test_fraction=0.25",
-    "train.epochs=1", "train.batch_size=16", "model.gru_units=16", "model.embedding_dim=8",
-    "train.warm_start_epochs=1", "train.frozen_steps=0",  # short phases: this file tests evaluation
+SETTINGS = [
+    "data.test_fraction=0.25",
+    "train.epochs=1", "train.warm_start_epochs=1", "train.frozen_steps=0",  # short phases: this file tests evaluation
 ]
 
 
@@ -19,9 +20,7 @@ TINY = [
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalskips")
     run_dir, demo_dir = str(root / "run"), str(root / "demo")
-    sets = [*TINY, f"data.demo_dir={demo_dir}"]
-    assert main(["train", "--config", "configs/demo.yaml", "--run-dir", run_dir,
-                 *sum((["--set", s] for s in sets), [])]) == 0
+    assert main(tiny_demo_train(run_dir, demo_dir, *SETTINGS)) == 0
     return run_dir, demo_dir
 
 

@@ -8,24 +8,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tiny_demo import JOINT_FIT_ONLY, tiny_demo_train
+
 from hybridnet_tf import experiment
 from hybridnet_tf.cli import main
 
 EPOCHS = 3
 STEPS = 4  # 32 demo images in batches of 8
-TINY = [
-    "data.demo_train=32",
-    "data.demo_val=16",
-    "data.demo_image_size=32",
-    f"train.epochs={EPOCHS}",
-    "train.batch_size=8",
-    "train.warmup_epochs=0",
-    "model.gru_units=16",
-    "model.embedding_dim=8",
-    # The joint fit's NaN stop and resume; the warm start's is in tests/test_warm_start.py.
-    "train.warm_start_epochs=0",
-    "train.frozen_epochs=0",
-]
 
 
 def poison_batch(dataset, index):
@@ -50,9 +39,9 @@ def all_finite(path):
 
 def test_nan_loss_stops_with_the_step_named_and_a_rerun_resumes(tmp_path, monkeypatch, capsys):
     run_dir = str(tmp_path / "run")
-    settings = [f"data.demo_dir={tmp_path / 'demo'}", *TINY]
-    command = ["train", "--config", "configs/demo.yaml", "--run-dir", run_dir,
-               *sum((["--set", s] for s in settings), [])]
+    # The joint fit's NaN stop and resume; the warm start's is in tests/test_warm_start.py.
+    command = tiny_demo_train(run_dir, tmp_path / "demo", *JOINT_FIT_ONLY, f"train.epochs={EPOCHS}",
+                              "train.warmup_epochs=0", train=32, batch_size=8)
     real_as_dataset = experiment.as_dataset
 
     def with_nan_in_second_epoch(split, config, training, **kwargs):

@@ -7,26 +7,14 @@ import keras
 import numpy as np
 import pytest
 
+from tiny_demo import JOINT_FIT_ONLY, tiny_demo_train
+
 from hybridnet_tf.cli import main
 from hybridnet_tf.run_files import COMPLETE_FILE
 
-TINY = [
-    "data.demo_train=64",
-    "data.demo_val=16",
-    "data.demo_image_size=32",
-    "train.batch_size=16",
-    "model.gru_units=16",
-    "model.embedding_dim=8",
-    # The joint fit's machinery (per-epoch checkpoints, continuing a run): without the demo's
-    # warm start and frozen phase (tests/test_warm_start.py covers those).
-    "train.warm_start_epochs=0", "train.frozen_epochs=0",
-]
-
 
 def train(run_dir, demo_dir, epochs, *extra):
-    sets = [*TINY, f"data.demo_dir={demo_dir}", f"train.epochs={epochs}"]
-    return main(["train", "--config", "configs/demo.yaml", "--run-dir", run_dir,
-                 *sum((["--set", s] for s in sets), []), *extra])
+    return main(tiny_demo_train(run_dir, demo_dir, *JOINT_FIT_ONLY, f"train.epochs={epochs}") + list(extra))
 
 
 def snapshot(run_dir):

@@ -11,6 +11,7 @@ import time
 import keras
 import numpy as np
 import pytest
+from tiny_demo import JOINT_FIT_ONLY, tiny_demo_train
 
 from hybridnet_tf.training.callbacks import AtomicBackupAndRestore, RunHistoryLogger, read_epoch_log
 
@@ -133,17 +134,11 @@ def test_atomic_backup_restores_and_leaves_no_temporary_files(tmp_path):
 
 
 def cli_train(run_dir, demo_dir, epochs, log):
-    command = [
-        sys.executable, "-m", "hybridnet_tf.cli", "train", "--config", "configs/demo.yaml",
-        "--run-dir", run_dir, "--set", f"data.demo_dir={demo_dir}",
-        "--set", "data.demo_train=128", "--set", "data.demo_val=16",
-        "--set", "data.demo_image_size=32", "--set", "data.cache=false",
-        "--set", f"train.epochs={epochs}", "--set", "train.batch_size=4",
-        "--set", "train.backup_steps=4", "--set", "model.gru_units=16",
-        "--set", "model.embedding_dim=8",
-        # BackupAndRestore of the joint fit, without the demo's warm start and frozen phase.
-        "--set", "train.warm_start_epochs=0", "--set", "train.frozen_epochs=0",
-    ]
+    # BackupAndRestore of the joint fit, without the demo's warm start and frozen phase.
+    command = [sys.executable, "-m", "hybridnet_tf.cli"] + tiny_demo_train(
+        run_dir, demo_dir, "data.cache=false", f"train.epochs={epochs}", "train.backup_steps=4",
+        *JOINT_FIT_ONLY, train=128, batch_size=4,
+    )
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 

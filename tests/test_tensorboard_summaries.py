@@ -9,6 +9,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.plugins.pr_curve import plugin_data_pb2 as pr_plugin_data
+from tiny_demo import tiny_demo_train
 
 from hybridnet_tf.training.tensorboard_summaries import (
     PR_THRESHOLDS,
@@ -77,15 +78,11 @@ def trained_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tensorboard")
     run_dir = root / "run"
-    settings = [
-        f"data.demo_dir={root / 'demo'}", "data.demo_train=64", "data.demo_val=24",
-        "data.demo_image_size=32", "train.epochs=2", "train.batch_size=16",
-        "model.gru_units=16", "model.embedding_dim=8",
-        "train.tensorboard_images_every=1", "train.tensorboard_images=3",
+    code = main(tiny_demo_train(
+        run_dir, root / "demo", "train.epochs=2", "train.tensorboard_images_every=1", "train.tensorboard_images=3",
         "train.warm_start_epochs=1", "train.frozen_steps=0",  # short phases: this file tests the logs
-    ]
-    code = main(["train", "--config", "configs/demo.yaml", "--run-dir", str(run_dir),
-                 *sum((["--set", s] for s in settings), [])])
+        val=24,
+    ))
     assert code == 0
     return run_dir
 
