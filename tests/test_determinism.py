@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from tiny_demo import JOINT_FIT_ONLY, tiny_demo_train
 
 from hybridnet_tf.run_files import load_run_model

@@ -11,6 +11,7 @@ import time
 import keras
 import numpy as np
 import pytest
+
 from tiny_demo import JOINT_FIT_ONLY, tiny_demo_train
 
 from hybridnet_tf.training.callbacks import AtomicBackupAndRestore, RunHistoryLogger, read_epoch_log

@@ -9,6 +9,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.plugins.pr_curve import plugin_data_pb2 as pr_plugin_data
+
 from tiny_demo import tiny_demo_train
 
 from hybridnet_tf.training.tensorboard_summaries import (
