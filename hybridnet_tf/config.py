@@ -100,9 +100,6 @@ DEFAULTS = {
         "decoders": 1,
         "attention_units": 128,
         "attention_gate": False,
-        # attention: the previous label's embedding joins the GRU state in the
-        # query (attention_decoder.py)
-        "attention_label_query": False,
         # decoding: 1 = greedy; labels below min_label_score are not emitted
         "beam_width": 1,
         "min_label_score": 0.0,

@@ -90,8 +90,7 @@ def augmentation_of(config):
 MODEL_KEYS = (
     "max_length", "embedding_dim", "gru_units", "dropout", "head", "label_order", "beam_width",
     "min_label_score", "score_mix", "sigmoid_fusion", "aux_loss_weight", "sigmoid_loss", "asl_gamma_neg",
-    "asl_gamma_pos", "asl_clip", "decoder", "attention_units", "attention_gate",
-    "attention_label_query", "pla_rule", "hub_preset",
+    "asl_gamma_pos", "asl_clip", "decoder", "attention_units", "attention_gate", "pla_rule", "hub_preset",
     "label_scores", "image_logits", "decoders",
 )
 

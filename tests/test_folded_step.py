@@ -33,7 +33,6 @@ def _random_decoder(decoder_kind, seed, **kwargs):
         ("pooled", {"image_logits": True}),
         ("attention", {"image_logits": True}),
         ("attention", {"attention_gate": True}),
-        ("attention", {"attention_label_query": True, "image_logits": True}),
     ],
 )
 def test_folded_step_matches_the_keras_step(decoder_kind, options):

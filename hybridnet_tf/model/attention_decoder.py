@@ -25,7 +25,7 @@ class AttentionLabelDecoder(LabelDecoder):
     the state s before the step and the projected map K = W_k V (computed
     once per image), additive attention gives
 
-        e = w · tanh(K + W_q s [+ W_l y]),  alpha = softmax(e) over positions,
+        e = w · tanh(K + W_q s),  alpha = softmax(e) over positions,
         c = sum(alpha · V)  (times sigmoid(W_g s) with `attention_gate`),
 
     and the projection of c takes the place of the pooled decoder's image
@@ -40,11 +40,6 @@ class AttentionLabelDecoder(LabelDecoder):
         attention_units: size of the additive attention's hidden layer.
         attention_gate: scale the context by a gate of the state (Xu et al.'s
             beta), letting a step rely less on the image.
-        attention_label_query: add the previous label's embedding y to the
-            query (`W_l y` above). The state before a step has not seen the
-            label just emitted, which the `image_logits` term and the prior
-            chose as much as the state did; with this the step knows it
-            when it picks where to look next.
         (The other arguments are `LabelDecoder`'s.)
 
     Example:
@@ -53,23 +48,14 @@ class AttentionLabelDecoder(LabelDecoder):
         TensorShape([2, 4])
     """
 
-    def __init__(
-        self, num_labels, max_length, attention_units=128, attention_gate=False,
-        attention_label_query=False, **kwargs,
-    ):
+    def __init__(self, num_labels, max_length, attention_units=128, attention_gate=False, **kwargs):
         super().__init__(num_labels, max_length, **kwargs)
         self.attention_units = attention_units
         self.attention_gate = attention_gate
-        self.attention_label_query = bool(attention_label_query)
         policy = self.dtype_policy
         self.attention_keys = keras.layers.Dense(attention_units, name="attention_keys", dtype=policy)
         self.attention_query = keras.layers.Dense(
             attention_units, use_bias=False, name="attention_query", dtype=policy
-        )
-        self.label_query = (
-            keras.layers.Dense(attention_units, use_bias=False, name="attention_label_query", dtype=policy)
-            if self.attention_label_query
-            else None
         )
         # Zero scores at the start: uniform attention, whose read is the pooled
         # feature, so the decoder starts as the pooled decoder and learns where
@@ -94,8 +80,6 @@ class AttentionLabelDecoder(LabelDecoder):
         self.attention_keys.build((None, None, channels))
         self.attention_query.build((None, self.units))
         self.attention_score.build((None, None, self.attention_units))
-        if self.label_query is not None:
-            self.label_query.build((None, self.embedding_dim))
         if self.gate is not None:
             self.gate.build((None, self.units))
 
@@ -111,13 +95,10 @@ class AttentionLabelDecoder(LabelDecoder):
         state = self.initial_state(tf.reduce_mean(values, axis=1))
         return state, (values, self.attention_keys(values))
 
-    def _attend(self, state, context, embedded_token, training=None):
+    def _attend(self, state, context, training=None):
         """The projected context [N, E] of one step and its attention weights [N, P]."""
         values, keys = context
-        query = self.attention_query(state)
-        if self.label_query is not None:
-            query = query + self.label_query(embedded_token)
-        hidden = tf.tanh(keys + query[:, None, :])
+        hidden = tf.tanh(keys + self.attention_query(state)[:, None, :])
         energies = self.attention_score(hidden)[..., 0]
         weights = tf.nn.softmax(energies, axis=-1)
         read = tf.matmul(weights[:, None, :], values)[:, 0, :]
@@ -128,9 +109,8 @@ class AttentionLabelDecoder(LabelDecoder):
         return self.image_to_step(read), weights
 
     def _attention_step(self, token, state, context, training=None):
-        embedded_token = self.label_embedding(token)
-        step_context, weights = self._attend(state, context, embedded_token, training)
-        step_input = tf.concat([embedded_token, step_context], axis=-1)
+        step_context, weights = self._attend(state, context, training)
+        step_input = tf.concat([self.label_embedding(token), step_context], axis=-1)
         output, state = self.gru.cell(step_input, state, training=training)
         if training:
             output = self.output_dropout(output, training=training)
@@ -147,11 +127,6 @@ class AttentionLabelDecoder(LabelDecoder):
         )
         weights["terms_bias"] = tf.concat([weights["input_bias"], weights["joint_bias"]], axis=0)
         weights["query_kernel"] = tf.cast(self.attention_query.kernel, dtype)
-        if self.label_query is not None:
-            # Every token's query term at once, so a step gathers one row.
-            weights["token_queries"] = tf.matmul(
-                tf.cast(self.label_embedding.embeddings, dtype), tf.cast(self.label_query.kernel, dtype)
-            )
         # The score layer's bias adds the same to every position, which the
         # softmax over positions ignores.
         weights["score_vector"] = tf.cast(self.attention_score.kernel[:, 0], dtype)
@@ -168,13 +143,10 @@ class AttentionLabelDecoder(LabelDecoder):
         values, keys = view
         return tf.tensordot(values, weights["step_kernel"], axes=1), keys
 
-    def _folded_read(self, weights, token, state, view_terms):
+    def _folded_read(self, weights, state, view_terms):
         """`_attend`'s read, projected by `image_to_step`, as its GRU and joint terms."""
         projected, keys = view_terms
-        query = tf.matmul(state, weights["query_kernel"])
-        if self.label_query is not None:
-            query = query + tf.gather(weights["token_queries"], token)
-        hidden = tf.tanh(keys + query[:, None, :])
+        hidden = tf.tanh(keys + tf.matmul(state, weights["query_kernel"])[:, None, :])
         # Products and sums, not matvec / batched matmul: at batch 1 these
         # small contractions run in a third to a half of the time.
         attention = tf.nn.softmax(tf.reduce_sum(hidden * weights["score_vector"], axis=-1), axis=-1)
@@ -242,9 +214,5 @@ class AttentionLabelDecoder(LabelDecoder):
 
     def get_config(self):
         config = super().get_config()
-        config.update({
-            "attention_units": self.attention_units,
-            "attention_gate": self.attention_gate,
-            "attention_label_query": self.attention_label_query,
-        })
+        config.update({"attention_units": self.attention_units, "attention_gate": self.attention_gate})
         return config

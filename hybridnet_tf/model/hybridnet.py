@@ -81,7 +81,6 @@ def build_model(
     decoder="pooled",
     attention_units=128,
     attention_gate=False,
-    attention_label_query=False,
     label_threshold=0.5,
     pla_rule="paper",
     label_scores="softmax",
@@ -137,8 +136,7 @@ def build_model(
             True when `weights` is given, False for a backbone trained from
             scratch (which needs its BatchNorm to learn).
         decoder: "pooled" or "attention" (decoder heads; see the module docstring).
-        attention_units, attention_gate, attention_label_query: see
-            `AttentionLabelDecoder`.
+        attention_units, attention_gate: see `AttentionLabelDecoder`.
         pla_rule: `label_order="orderless"`: "paper" or "sorted" (see
             `losses.OrderlessSequenceLoss`).
         label_scores: decoder heads: each label's per-step score, "softmax"
@@ -202,11 +200,7 @@ def build_model(
         decoder_class, extra = LabelDecoder, {}
         if attends:
             decoder_class = AttentionLabelDecoder
-            extra = {
-                "attention_units": attention_units,
-                "attention_gate": attention_gate,
-                "attention_label_query": attention_label_query,
-            }
+            extra = {"attention_units": attention_units, "attention_gate": attention_gate}
         decoder_config = dict(
             num_labels=num_labels,
             max_length=max_length,

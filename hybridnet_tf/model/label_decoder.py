@@ -264,7 +264,7 @@ class LabelDecoder(keras.layers.Layer):
 
         def step(token, state, context):
             view_terms, logit_bias = context
-            gates, joint = self._folded_read(weights, token, state, view_terms)
+            gates, joint = self._folded_read(weights, state, view_terms)
             return folded_step.folded_step(weights, token, state, gates, joint, logit_bias)
 
         return state, step, (self._folded_context(weights, view), logit_bias)
@@ -277,7 +277,7 @@ class LabelDecoder(keras.layers.Layer):
         """The per-image part of the folded step's context: here the context's GRU and joint terms."""
         return folded_step.context_terms(weights, view)
 
-    def _folded_read(self, weights, token, state, view_terms):
+    def _folded_read(self, weights, state, view_terms):
         """(GRU input term, joint term) of the context at one step; the pooled view's are fixed."""
         return view_terms
 
