@@ -141,6 +141,11 @@ def test_hybridnet_with_attention_round_trips_and_reports_its_maps(tmp_path):
     again = loaded(images, training=False)
     for key in ("scores", "label_ids", "num_labels"):
         np.testing.assert_allclose(expected[key], again[key], atol=1e-6)
+    # Every weight comes back, also those the outputs above do not show: the
+    # attention's zero-started scores leave its keys and query out of them.
+    assert len(loaded.weights) == len(model.weights)
+    for saved, restored in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(saved, restored)
     explained = with_attention_output(loaded)(images)
     assert explained["attention"].shape == (3, 6, 4, 4)
     np.testing.assert_array_equal(explained["label_ids"], expected["label_ids"])
