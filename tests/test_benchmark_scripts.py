@@ -48,3 +48,18 @@ def test_benchmark_linear_probe_times_both_blas_settings_and_finds_the_same_prob
     rows = re.findall(r"^\| (coco128|150) \((\d+)\) \| ([0-9.]+) .*\| ([0-9.]+e[-+]\d+) \|$", result.stdout, re.M)
     assert [(name, count) for name, count, _, _ in rows] == [("coco128", "126"), ("150", "150")], result.stdout
     assert all(float(difference) < 1e-5 for *_, difference in rows)
+
+
+def test_benchmark_decode_times_both_paths_on_both_photo_sizes(coco128_dir):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "benchmark_decode.py"), "--coco128", str(coco128_dir),
+         "--image-size", "32", "--rounds", "1", "--large", "2"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(r"^\| (coco128 \(640 px\)|12 MP copies) \|.*speed x([0-9.]+).*moved ([0-9.]+) \|$",
+                      result.stdout, re.M)
+    assert [name for name, _, _ in rows] == ["coco128 (640 px)", "12 MP copies"], result.stdout
+    # At 32 px both sets decode at reduced scale: the pixels move, but by little.
+    assert all(float(speed) > 0 and 0 < float(moved) < 3 for _, speed, moved in rows), result.stdout
