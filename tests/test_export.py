@@ -1,6 +1,7 @@
 """SavedModel and TFLite exports match the Keras model; every artefact predicts through the CLI."""
 
 import csv
+import io
 import json
 import os
 
@@ -8,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from hybridnet_tf import cli
 from hybridnet_tf.config import load_config, save_config
@@ -165,7 +167,12 @@ def test_serving_default_decodes_jpeg_and_png_as_evaluation_does(trained, saved_
     rng = np.random.default_rng(0)
     pngs = [tf.io.encode_png(rng.integers(0, 256, (45, 29, 3), dtype=np.uint8)).numpy()]
     pngs.append(tf.io.encode_png(np.round(trained["images"][5]).astype(np.uint8)).numpy())
-    encoded = jpegs + pngs
+    # A phone's portrait photo: stored on its side, EXIF orientation 6.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    lying = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(lying, "JPEG", exif=exif.tobytes())
+    encoded = jpegs + pngs + [lying.getvalue()]
     served = loaded.signatures["serving_default"](image_bytes=tf.constant(encoded))
     decoded = np.stack([decode_and_resize(e, SIZE).numpy() for e in encoded])
     direct = loaded.signatures["predict_images"](image=tf.constant(decoded))

@@ -16,6 +16,7 @@ from hybridnet_tf.data.pipeline import (
     SkippedImages,
     decode_and_resize,
     decode_random_resized_crop,
+    decode_rgb,
     image_problem,
     make_dataset,
 )
@@ -356,3 +357,64 @@ def test_cache_settings():
         cache_setting("/no/such/cache")
     with pytest.raises(ValueError, match="must be 'memory', 'none' or a file path"):
         cache_setting(" ")
+
+
+def _large_photo_jpeg(height, width, seed=0, grain=32):
+    """A smooth photo-like JPEG (noise blurred over `grain` pixels) of the given size."""
+    small = np.random.default_rng(seed).integers(0, 256, (height // grain, width // grain, 3), dtype=np.uint8)
+    pixels = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC))
+    return _encode(Image.fromarray(pixels), "JPEG", quality=90)
+
+
+@pytest.mark.parametrize(
+    "height, width, size, scale",
+    [(1024, 768, 64, 4), (1024, 768, 100, 2), (1024, 768, 200, 1), (2048, 1536, 32, 8), (200, 500, 16, 4)],
+)
+def test_large_jpegs_decode_at_the_smallest_scale_that_keeps_twice_the_size(height, width, size, scale):
+    encoded = tf.constant(_large_photo_jpeg(height, width))
+    reduced = decode_rgb(encoded, min_side=2 * size)
+    assert reduced.shape == (-(-height // scale), -(-width // scale), 3)
+    assert min(reduced.shape[:2]) >= 2 * size
+    # The same picture as decoding every pixel, to within JPEG's own rounding.
+    full = tf.image.resize(tf.cast(decode_rgb(encoded), tf.float32), [size, size], antialias=True)
+    assert np.abs(decode_and_resize(encoded, size).numpy() - full.numpy()).mean() < 1.5
+
+
+def test_reduced_scale_leaves_small_jpegs_and_other_formats_whole():
+    png = tf.io.encode_png(np.full((900, 900, 3), 7, np.uint8))
+    assert decode_rgb(png, min_side=20).shape == (900, 900, 3)
+    small = tf.constant(_large_photo_jpeg(256, 320))
+    np.testing.assert_array_equal(decode_rgb(small, min_side=200).numpy(), decode_rgb(small).numpy())
+
+
+def test_coco_sized_photos_decode_exactly_as_before(coco128_dir):
+    # 640 px photos at 224 px keep their full decode: the real-photo results stand.
+    for path in sorted((coco128_dir / "train2017").glob("*.jpg"))[:12]:
+        encoded = tf.io.read_file(str(path))
+        plain = tf.image.resize(
+            tf.cast(tf.io.decode_image(encoded, channels=3, expand_animations=False), tf.float32),
+            [224, 224], antialias=True,
+        )
+        np.testing.assert_array_equal(decode_and_resize(encoded, 224).numpy(), np.clip(plain.numpy(), 0, 255))
+
+
+def test_random_crops_of_large_jpegs_match_full_scale_crops():
+    # Coarse grain: the reduced-scale window's edges may sit up to half a scaled
+    # pixel off the full-scale ones, which fine grain would turn into big differences.
+    encoded = tf.constant(_large_photo_jpeg(1024, 768, seed=3, grain=128))
+    for seed in range(3):
+        crop_seed = tf.constant([seed, 0])
+        reduced = decode_random_resized_crop(encoded, 48, crop_seed).numpy()
+        # The same window decoded at full scale (a crop size that keeps the whole-scale path).
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.image.extract_jpeg_shape(encoded), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+            seed=crop_seed, min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.5, 1.0), max_attempts=10,
+        )
+        window = tf.stack([begin[0], begin[1], size[0], size[1]])
+        full = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+        full = tf.image.resize(tf.cast(full, tf.float32), [48, 48], antialias=True).numpy()
+        assert np.abs(reduced - full).mean() < 2.0
+    # Different seeds still give different crops.
+    first, second = (decode_random_resized_crop(encoded, 48, tf.constant([s, 0])).numpy() for s in (0, 1))
+    assert np.abs(first - second).mean() > 2.0

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from hybridnet_tf.data.pipeline import decode_rgb, eval_resize_policy, resize_image
+from hybridnet_tf.data.pipeline import decode_and_resize, decode_rgb, eval_resize_policy
 from hybridnet_tf.explanation.grad_cam import make_grad_cam
 from hybridnet_tf.explanation.heat_maps import figure_png, overlay_figure, peak_of, shrink
 from hybridnet_tf.model.hybridnet import model_decoder
@@ -187,8 +187,11 @@ def _output_stem(path, used):
 
 def _read_image(path, image_size, resize):
     """`(model input [S, S, 3], shown picture [H', W', 3], original (W, H))` of an image file."""
-    original = decode_rgb(tf.io.read_file(path))
-    model_input = resize_image(original, image_size, resize).numpy()
+    encoded = tf.io.read_file(path)
+    original = decode_rgb(encoded)
+    # What the model is given, exactly as evaluation and serving decode it
+    # (a large JPEG decodes at reduced scale there), not resized from `original`.
+    model_input = decode_and_resize(encoded, image_size, resize).numpy()
     height, width = (int(d) for d in original.shape[:2])
     # A squashed image covers the whole photo: draw the maps over the photo itself.
     # A centre crop covers part of it: draw them over what the model saw.
