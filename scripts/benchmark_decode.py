@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from hybridnet_tf.data.pipeline import AUTOTUNE, decode_and_resize  # noqa: E402
+from hybridnet_tf.data.pipeline import AUTOTUNE, decode_and_resize, resize_image  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_COCO128 = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "coco128")
@@ -41,8 +41,7 @@ def plain_decode_and_resize(encoded, size):
     """Every pixel decoded (EXIF ignored), then the pipeline's antialiased squash."""
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    image = tf.image.resize(tf.cast(image, tf.float32), [size, size], antialias=True)
-    return tf.clip_by_value(image, 0.0, 255.0)
+    return resize_image(image, size)
 
 
 def loader(paths, decode, size):
