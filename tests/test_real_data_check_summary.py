@@ -37,3 +37,16 @@ def test_gaps_to_probe_pair_each_fold_with_its_own_probe(yardstick):
     assert gaps["decoded_OF1"][1] == 1
     lines = yardstick.gap_lines(yardstick.gaps_to_probe(results, ["rnn"]), len(results), {})
     assert "| rnn | -1.5 (1 of 2) | +1.5 (1 of 2) | – |" in lines
+
+
+def test_score_set_counts_whole_sets_for_each_set_rule(yardstick):
+    y_true = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 1, 0]])
+    scores = np.array([[0.9, 0.3, 0.1], [0.8, 0.4, 0.2], [0.1, 0.2, 0.6], [0.2, 0.7, 0.6]])
+    decoded = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 1, 0]])
+    row = yardstick.score_set(y_true, scores, decoded, 0.5, [0.5, 0.35, 0.65])
+    # 0.5: photos 1 and 3 right (photo 2 misses label 1, photo 4 adds label 2).
+    assert row["exact_at_t"] == 0.5
+    # Tuned: label 1 from 0.35 (photo 2 right) and label 2 from 0.65 (photo 3 missed, photo 4 right).
+    assert row["tuned_exact"] == 0.75
+    assert row["exact_set"] == 0.75
+    assert "tuned_exact" not in yardstick.score_set(y_true, scores, decoded, 0.5, None)
