@@ -58,10 +58,10 @@ def _format_metrics(metrics):
     Scores at a fixed threshold come second: on real photos a decoder's (or a
     probe's) scores rarely reach 0.5, so that row alone says little.
     """
-    keys = ("CP", "CR", "CF1", "OP", "OR", "OF1")
+    from hybridnet_tf.evaluation.metrics import SET_METRIC_KEYS
 
     def row(values):
-        return "  ".join(f"{k} {100 * values[k]:.2f}" for k in keys)
+        return "  ".join(f"{k} {100 * values[k]:.2f}" for k in SET_METRIC_KEYS)
 
     lines = [
         f"mAP {100 * metrics['mAP']:.2f}  (images {metrics['num_images']}, "

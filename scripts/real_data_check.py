@@ -131,11 +131,6 @@ def fold_parts(images, config, folds, seed):
         yield train_part, val_part, images.subset(test_rows)
 
 
-def exact_set_accuracy(y_true, predicted):
-    """The share of photos whose predicted label set is exactly the true one."""
-    return float(np.mean(np.all(np.asarray(predicted, bool) == np.asarray(y_true, bool), axis=1)))
-
-
 def score_set(y_true, scores, decoded, threshold, tuned):
     """The yardstick's numbers for one model on one fold."""
     from hybridnet_tf.evaluation.metrics import mean_average_precision, set_metrics, threshold_metrics
@@ -146,17 +141,17 @@ def score_set(y_true, scores, decoded, threshold, tuned):
     # fixed 0.5 is the rule that gets whole sets right when labels are independent given the
     # photo (the joint mode is then each label's own mode), so it is the decoder's fairer rival.
     row = {"mAP": mean_ap, "CF1": at_threshold["CF1"], "OF1": at_threshold["OF1"],
-           "exact_at_t": exact_set_accuracy(y_true, scores >= threshold)}
+           "exact_at_t": at_threshold["exact"]}
     if tuned is not None:
         tuned_metrics = threshold_metrics(y_true, scores, tuned)
         row.update(tuned_CF1=tuned_metrics["CF1"], tuned_OF1=tuned_metrics["OF1"],
-                   tuned_exact=exact_set_accuracy(y_true, scores >= np.asarray(tuned)))
+                   tuned_exact=tuned_metrics["exact"])
     if decoded is not None:
         decoded_metrics = set_metrics(y_true, decoded)
         row.update(
             decoded_CF1=decoded_metrics["CF1"],
             decoded_OF1=decoded_metrics["OF1"],
-            exact_set=exact_set_accuracy(y_true, decoded),
+            exact_set=decoded_metrics["exact"],
         )
     return {key: float(value) for key, value in row.items()}
 

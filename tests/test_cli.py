@@ -119,14 +119,14 @@ def test_config_error_exits_2_naming_the_key(tmp_path, capsys):
 def test_evaluate_printout_puts_the_returned_label_sets_first_and_marks_in_sample_thresholds():
     from hybridnet_tf.cli import _format_metrics
 
-    row = {"CP": 0.1, "CR": 0.2, "CF1": 0.3, "OP": 0.4, "OR": 0.5, "OF1": 0.6}
+    row = {"CP": 0.1, "CR": 0.2, "CF1": 0.3, "OP": 0.4, "OR": 0.5, "OF1": 0.6, "exact": 0.05}
     metrics = {
         "mAP": 0.5, "num_images": 10, "num_classes_counted": 3, "threshold": 0.5, "split": "val", **row,
-        "decoded_set": {**row, "OF1": 0.9}, "tuned_thresholds": {**row, "OF1": 0.7},
+        "decoded_set": {**row, "OF1": 0.9, "exact": 0.25}, "tuned_thresholds": {**row, "OF1": 0.7},
     }
     lines = _format_metrics(metrics).splitlines()
     assert lines[0].startswith("mAP 50.00")
-    assert lines[1].startswith("label sets the model returns:") and lines[1].endswith("OF1 90.00")
-    assert lines[2].startswith("scores >= 0.5:") and lines[2].endswith("OF1 60.00")
+    assert lines[1].startswith("label sets the model returns:") and lines[1].endswith("OF1 90.00  exact 25.00")
+    assert lines[2].startswith("scores >= 0.5:") and lines[2].endswith("OF1 60.00  exact 5.00")
     assert lines[3].startswith("scores >= tuned thresholds (tuned on val: in-sample here):")
     assert "in-sample" not in _format_metrics({**metrics, "split": "train"})

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, average_precision_score, precision_recall_fscore_support
 from sklearn.metrics import precision_recall_curve as sklearn_pr_curve
 
 from hybridnet_tf.evaluation.metrics import (
@@ -32,13 +32,14 @@ def random_case(seed, num_images=60, num_classes=7, decimals=None):
 
 
 def sklearn_set_metrics(y_true, y_pred):
-    """The six set metrics the way the brief defines them, from scikit-learn."""
+    """The set metrics the way the brief defines them, from scikit-learn (exact: subset accuracy)."""
     cp, cr, _, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
     op, orec, of1, _ = precision_recall_fscore_support(
         y_true, y_pred, average="micro", zero_division=0
     )
     cf1 = 2 * cp * cr / (cp + cr) if cp + cr else 0.0
-    return {"CP": cp, "CR": cr, "CF1": cf1, "OP": op, "OR": orec, "OF1": of1}
+    exact = accuracy_score(y_true, y_pred)
+    return {"CP": cp, "CR": cr, "CF1": cf1, "OP": op, "OR": orec, "OF1": of1, "exact": exact}
 
 
 def assert_metrics_close(actual, expected):
@@ -114,6 +115,19 @@ def test_threshold_metrics_match_sklearn(seed, decimals):
     for threshold in (0.3, 0.5, 0.8):
         expected = sklearn_set_metrics(y_true, (scores >= threshold).astype(int))
         assert_metrics_close(threshold_metrics(y_true, scores, threshold), expected)
+
+
+def test_exact_counts_whole_sets_and_matches_sklearn():
+    y_true = np.array([[1, 0, 1], [0, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+    y_pred = np.array([[1, 0, 1], [0, 0, 0], [0, 1, 1], [1, 0, 0], [1, 0, 0]])
+    # Images 1 and 2 right (2 has no labels and gets none); 3 adds one, 4 misses one, 5 adds one.
+    assert set_metrics(y_true, y_pred)["exact"] == 0.4
+    assert set_metrics(y_true, y_pred)["exact"] == accuracy_score(y_true, y_pred)
+    # Random cases, where most sets are wrong: still sklearn's subset accuracy.
+    y_true, scores = random_case(11, num_classes=3)
+    predicted = (scores >= 0.45).astype(int)
+    assert 0 < accuracy_score(y_true, predicted) < 1
+    assert set_metrics(y_true, predicted)["exact"] == pytest.approx(accuracy_score(y_true, predicted))
 
 
 def test_class_never_predicted_has_precision_zero():
@@ -196,7 +210,7 @@ def test_evaluate_scores_is_json_ready():
     result = evaluate_scores(y_true, scores, 0.5, names, decoded=decoded)
     text = json.dumps(result, allow_nan=False)
     assert set(result) == {
-        "mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "top3", "per_class",
+        "mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "exact", "top3", "per_class",
         "num_images", "num_classes_counted", "threshold", "decoded_set",
     }
     assert json.loads(text)["per_class"][3] == {

@@ -17,13 +17,18 @@ Conventions (those of the CNN-RNN and ML-GCN papers, with scikit-learn's
   mean of per-class F1 scores.
 - OP / OR are overall (micro) precision / recall over all (image, label)
   pairs; OF1 = 2 * OP * OR / (OP + OR).
+- exact is the share of images whose predicted label set is exactly the
+  true one (subset accuracy, scikit-learn's `accuracy_score` on 0/1
+  matrices); an image without labels is right when nothing is predicted.
+  It is the measure that needs the labels' joint distribution, where a
+  decoder can beat a per-label head (docs/decoder.md).
 """
 
 import math
 
 import numpy as np
 
-SET_METRIC_KEYS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
+SET_METRIC_KEYS = ("CP", "CR", "CF1", "OP", "OR", "OF1", "exact")
 
 
 def _check_labels_and_scores(y_true, scores):
@@ -191,7 +196,7 @@ def _per_class_counts(y_true, y_pred):
 
 
 def set_metrics(y_true, y_pred):
-    """CP, CR, CF1, OP, OR, OF1 of a 0/1 prediction matrix.
+    """CP, CR, CF1, OP, OR, OF1 and exact (subset accuracy) of a 0/1 prediction matrix.
 
     Used for thresholded scores, top-k predictions and label sets read out
     by the decoder. Images without labels count like any other (they only
@@ -202,8 +207,8 @@ def set_metrics(y_true, y_pred):
         y_pred: [N, C] 0/1 predictions.
 
     Returns:
-        dict with float keys "CP", "CR", "CF1", "OP", "OR", "OF1", each in
-        [0, 1]; 0/0 counts as 0 (see the module docstring).
+        dict with float keys "CP", "CR", "CF1", "OP", "OR", "OF1", "exact",
+        each in [0, 1]; 0/0 counts as 0 (see the module docstring).
     """
     y_true = _check_binary(y_true, "y_true")
     y_pred = _check_binary(y_pred, "y_pred")
@@ -222,11 +227,12 @@ def set_metrics(y_true, y_pred):
         "OP": overall_precision,
         "OR": overall_recall,
         "OF1": float(_harmonic_mean(overall_precision, overall_recall)),
+        "exact": float(np.mean(np.all(y_true == y_pred, axis=1))) if len(y_true) else 0.0,
     }
 
 
 def threshold_metrics(y_true, scores, threshold=0.5):
-    """CP, CR, CF1, OP, OR, OF1 of the labels with `score >= threshold`.
+    """`set_metrics` of the labels with `score >= threshold`.
 
     Args:
         y_true: [N, C] 0/1 ground truth.
@@ -234,7 +240,7 @@ def threshold_metrics(y_true, scores, threshold=0.5):
         threshold: a scalar, or a [C] array of per-class thresholds.
 
     Returns:
-        dict with float keys "CP", "CR", "CF1", "OP", "OR", "OF1".
+        dict with float keys "CP", "CR", "CF1", "OP", "OR", "OF1", "exact".
     """
     y_true, scores = _check_labels_and_scores(y_true, scores)
     threshold = _check_threshold(threshold, scores.shape[1])
@@ -334,7 +340,7 @@ def evaluate_scores(y_true, scores, threshold=0.5, names=None, decoded=None):
         decoded: optional [N, C] 0/1 label sets read out by the decoder.
 
     Returns:
-        dict with keys "mAP", "CP", "CR", "CF1", "OP", "OR", "OF1" (floats
+        dict with keys "mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "exact" (floats
         in [0, 1]; "mAP" is None when no class has a positive), "top3" (the
         six set metrics of each image's top-3 labels above the threshold),
         "per_class" (see `per_class_metrics`), "num_images",

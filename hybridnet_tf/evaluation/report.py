@@ -86,7 +86,8 @@ def _summary_markdown(metrics, paths):
         *rows,
         "",
         "CP/CR: per-class precision/recall averaged over all classes; "
-        "CF1 = 2·CP·CR/(CP+CR). OP/OR/OF1: over all image-label pairs.",
+        "CF1 = 2·CP·CR/(CP+CR). OP/OR/OF1: over all image-label pairs. "
+        "exact: images whose whole label set is right.",
         "",
         "## Plots",
         "",

@@ -234,7 +234,7 @@ def write_report_html(out_dir, metrics, plot_paths, model=None, dataset=None, y_
 {_notes(metrics)}
 <h2>Metrics</h2>{_metric_table(metrics)}
 <p class="note">CP/CR: per-label precision/recall averaged over all labels; CF1 = 2&middot;CP&middot;CR/(CP+CR).
-OP/OR/OF1: over all image-label pairs.</p>
+OP/OR/OF1: over all image-label pairs. exact: images whose whole label set is right.</p>
 <h2>Plots</h2><div class="plots">{plots}</div>
 <h2>Gallery</h2>
 <p class="note">The best and worst predicted images by F1 of the label set the model returns, and
