@@ -73,7 +73,7 @@ def test_tensorboard_holds_val_metrics(trained_run):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 steps.setdefault(value.tag, set()).add(event.step)
-    for tag in ("epoch_mAP", "epoch_OF1", "epoch_CF1"):
+    for tag in ("epoch_mAP", "epoch_OF1", "epoch_CF1", "epoch_decoded_OF1", "epoch_decoded_exact"):
         assert steps.get(tag) == {0, 1}, (tag, sorted(steps))
 
 

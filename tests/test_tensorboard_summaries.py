@@ -71,6 +71,7 @@ def test_hparams_are_the_plugins_session_and_experiment(tmp_path):
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     metrics = {(m.name.group, m.name.tag) for m in experiment.metric_infos}
     assert ("validation", "epoch_mAP") in metrics
+    assert ("validation", "epoch_decoded_exact") in metrics
 
 
 @pytest.fixture(scope="module")

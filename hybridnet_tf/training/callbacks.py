@@ -149,12 +149,15 @@ class ValidationMetrics(keras.callbacks.Callback):
         logs["val_CF1"] = float(at_threshold["CF1"])
         logs["val_OF1"] = float(at_threshold["OF1"])
         logs["val_decoded_OF1"] = float(decoded_metrics["OF1"])
+        # Whole label sets right: what a decoder is for (docs/decoder.md); also in TensorBoard.
+        logs["val_decoded_exact"] = float(decoded_metrics["exact"])
         loss_text = f"val_loss {logs['val_loss']:.4f}  " if "val_loss" in logs else ""
         # On a terminal the line starts below Keras' live bar; a log has no bar to leave.
         line_start = "\n" if interactive() else ""
         print(
             f"{line_start}epoch {epoch + 1}: {loss_text}val_mAP {mean_ap:.4f}  val_CF1 {at_threshold['CF1']:.4f}  "
-            f"val_OF1 {at_threshold['OF1']:.4f}  decoded OF1 {decoded_metrics['OF1']:.4f}"
+            f"val_OF1 {at_threshold['OF1']:.4f}  decoded OF1 {decoded_metrics['OF1']:.4f}  "
+            f"exact {decoded_metrics['exact']:.4f}"
         )
 
 

@@ -35,6 +35,8 @@ HPARAM_METRICS = (
     ("epoch_mAP", "validation", "val mAP"),
     ("epoch_OF1", "validation", "val OF1"),
     ("epoch_CF1", "validation", "val CF1"),
+    ("epoch_decoded_OF1", "validation", "val OF1 of the returned label sets"),
+    ("epoch_decoded_exact", "validation", "val whole label sets right"),
     ("epoch_loss", "train", "train loss"),
 )
 
