@@ -342,10 +342,10 @@ def evaluate_scores(y_true, scores, threshold=0.5, names=None, decoded=None):
     Returns:
         dict with keys "mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "exact" (floats
         in [0, 1]; "mAP" is None when no class has a positive), "top3" (the
-        six set metrics of each image's top-3 labels above the threshold),
+        set metrics of each image's top-3 labels above the threshold),
         "per_class" (see `per_class_metrics`), "num_images",
         "num_classes_counted" (classes in the mAP), "threshold" (float or
-        list) and, when `decoded` is given, "decoded_set" (the six set
+        list) and, when `decoded` is given, "decoded_set" (the set
         metrics of the decoded labels). Only plain Python types, so
         `json.dumps` works.
 

@@ -49,6 +49,10 @@ def ema_weights(model):
 class ValidationMetrics(keras.callbacks.Callback):
     """Computes val loss, mAP, CF1 and OF1 at the end of each epoch in one pass; adds them to the logs.
 
+    Logs `val_mAP`, `val_CF1`, `val_OF1` (scores at `threshold`), and
+    `val_decoded_OF1`, `val_decoded_exact` (OF1 and whole sets right of the
+    label sets the model returns).
+
     With `label_rank` it also computes `val_loss` (the loss `fit` would
     report for `validation_data`) in the same pass over the val batches and
     the same traced function as the predictions, so `fit` needs no
