@@ -5,9 +5,14 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Slow: it builds and traces every head of the benchmark, 125 s beside the other worker, the
+# default suite's longest test; the default run on a fresh clone had reached 15 min with set-up.
+@pytest.mark.slow
 def test_benchmark_heads_runs_with_the_default_decoder_and_prints_every_row():
     # It broke silently once: the default label order changed what training inputs look like.
     result = subprocess.run(
@@ -27,8 +32,6 @@ def test_benchmark_heads_runs_with_the_default_decoder_and_prints_every_row():
 
 def test_benchmark_vs_pytorch_names_the_missing_peer_package_and_the_fix(monkeypatch, script_module):
     # Without torch it used to stop on a bare ModuleNotFoundError after loading TensorFlow.
-    import pytest
-
     script = script_module("benchmark_vs_pytorch")
     monkeypatch.setitem(sys.modules, "torch", None)  # find_spec answers None: as if not installed
     with pytest.raises(SystemExit, match=r"needs torch\b.*HYBRIDNET_WITH_TORCH=1 bash scripts/setup_env.sh"):
