@@ -377,7 +377,7 @@ def test_large_jpegs_decode_at_the_smallest_scale_that_keeps_twice_the_size(heig
     assert reduced.shape == (-(-height // scale), -(-width // scale), 3)
     assert min(reduced.shape[:2]) >= 2 * size
     # The same picture as decoding every pixel, to within JPEG's own rounding.
-    full = tf.image.resize(tf.cast(decode_rgb(encoded), tf.float32), [size, size], antialias=True)
+    full = resize_image(decode_rgb(encoded), size)
     assert np.abs(decode_and_resize(encoded, size).numpy() - full.numpy()).mean() < 1.5
 
 
@@ -411,7 +411,7 @@ def test_random_crops_of_large_jpegs_match_full_scale_crops():
         )
         window = tf.stack([begin[0], begin[1], size[0], size[1]])
         full = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
-        full = tf.image.resize(tf.cast(full, tf.float32), [48, 48], antialias=True).numpy()
+        full = resize_image(full, 48).numpy()
         assert np.abs(reduced - full).mean() < 2.0
     # Different seeds still give different crops.
     first, second = (decode_random_resized_crop(encoded, 48, tf.constant([s, 0])).numpy() for s in (0, 1))

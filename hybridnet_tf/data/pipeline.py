@@ -25,6 +25,7 @@ from hybridnet_tf.data.exif_orientation import apply_orientation, exif_orientati
 logger = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
 # "random_resized_crop" is a training policy; evaluation and export use its
 # counterpart "squash" (the whole image, as the crops are squashed too).
 RESIZE_POLICIES = ("squash", "center_crop", "random_resized_crop")
@@ -87,7 +88,7 @@ def image_problem(encoded):
     head = tf.reshape(tf.io.decode_raw(head, tf.uint8), [_HEAD_BYTES])
     tail = tf.reshape(tf.io.decode_raw(tail, tf.uint8), [_TAIL_BYTES])
 
-    is_jpeg = _starts_with(head, b"\xff\xd8\xff")
+    is_jpeg = _starts_with(head, _JPEG_SIGNATURE)
     is_png = _starts_with(head, b"\x89PNG\r\n\x1a\n")
     is_other = (
         _starts_with(head, b"GIF87a") | _starts_with(head, b"GIF89a") | _starts_with(head, b"BM")
@@ -122,7 +123,7 @@ def decode_rgb(encoded, min_side=None):
     """
     index = tf.constant(0)
     if min_side is not None:
-        is_jpeg = tf.strings.substr(encoded, 0, 3) == b"\xff\xd8\xff"
+        is_jpeg = _is_jpeg(encoded)
         # A stand-in header for other formats keeps the shape read free of
         # control flow, which costs more than the read in a tf.data map.
         shape = tf.image.extract_jpeg_shape(tf.where(is_jpeg, encoded, _ONE_PIXEL_JPEG_HEADER))
@@ -145,6 +146,11 @@ def decode_rgb(encoded, min_side=None):
     image = tf.cond((index > 0) | has_exif(encoded), turned_or_reduced, as_stored)
     image.set_shape([None, None, 3])
     return image
+
+
+def _is_jpeg(encoded):
+    """Whether encoded bytes start with the JPEG signature (a scalar bool tensor)."""
+    return tf.strings.substr(encoded, 0, 3) == _JPEG_SIGNATURE
 
 
 # libjpeg's DCT scaling factors that decode_jpeg's `ratio` accepts.
@@ -271,8 +277,7 @@ def decode_random_resized_crop(
         begin, size = window_of(tf.shape(image))
         return tf.slice(image, begin, size)
 
-    is_jpeg = tf.strings.substr(encoded, 0, 3) == b"\xff\xd8\xff"
-    image = tf.cond(is_jpeg, crop_jpeg, crop_other)
+    image = tf.cond(_is_jpeg(encoded), crop_jpeg, crop_other)
     image.set_shape([None, None, 3])
     return resize_image(image, image_size, "squash")
 
