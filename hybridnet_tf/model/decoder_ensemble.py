@@ -27,8 +27,7 @@ import tensorflow as tf
 from hybridnet_tf.model import attention_decoder
 from hybridnet_tf.model.beam_search import beam_search
 from hybridnet_tf.model.greedy_search import greedy_search
-from hybridnet_tf.model.label_decoder import _MASKED_LOGIT, LabelDecoder, step_label_scores
-from hybridnet_tf.model.label_sequences import start_id
+from hybridnet_tf.model.label_decoder import LabelDecoder, search_decoding, step_label_scores
 
 # The member options a caller may read from the ensemble as from one decoder.
 _SHARED = ("num_labels", "max_length", "label_order", "pla_rule", "beam_width", "min_label_score",
@@ -104,19 +103,7 @@ class DecoderEnsemble(keras.layers.Layer):
         search, options = greedy_search, {}
         if self.beam_width > 1:
             search, options = beam_search, {"beam_width": self.beam_width}
-        state, step, context = self._decoding_setup(inputs, label_prior)
-        return search(
-            step,
-            state,
-            context,
-            num_labels=self.num_labels,
-            max_length=self.max_length,
-            start_token=start_id(self.num_labels),
-            min_label_score=self.min_label_score,
-            masked_logit=_MASKED_LOGIT,
-            step_scores=self._step_scores,
-            **options,
-        )
+        return search_decoding(self, search, inputs, label_prior, **options)
 
     def _decoding_setup(self, image_features, label_prior):
         """(joint state, joint step, joint context): the members' folded steps side by side.

@@ -33,6 +33,28 @@ def step_label_scores(rule, logits, probs, num_labels):
     return probs[..., :num_labels]
 
 
+def search_decoding(decoder, search, image_features, label_prior, **options):
+    """Runs `greedy_search` or `beam_search` over a decoder's folded decoding step.
+
+    `decoder` is a `LabelDecoder` or a `DecoderEnsemble`: anything with
+    `_decoding_setup`, `_step_scores` and one decoder's `num_labels`,
+    `max_length` and `min_label_score`.
+    """
+    state, step, context = decoder._decoding_setup(image_features, label_prior)
+    return search(
+        step,
+        state,
+        context,
+        num_labels=decoder.num_labels,
+        max_length=decoder.max_length,
+        start_token=start_id(decoder.num_labels),
+        min_label_score=decoder.min_label_score,
+        masked_logit=_MASKED_LOGIT,
+        step_scores=decoder._step_scores,
+        **options,
+    )
+
+
 @keras.saving.register_keras_serializable(package="hybridnet_tf")
 class LabelDecoder(keras.layers.Layer):
     """Reads an image's labels out as a sequence.
@@ -369,27 +391,11 @@ class LabelDecoder(keras.layers.Layer):
 
     def greedy_decode(self, image_features, label_prior=None):
         """Greedy decoding without repeats (`greedy_search`); see the class docstring for outputs."""
-        return self._search(greedy_search, image_features, label_prior)
+        return search_decoding(self, greedy_search, image_features, label_prior)
 
     def beam_decode(self, image_features, label_prior=None):
         """Beam search of width `beam_width`; see `beam_search` for the rules."""
-        return self._search(beam_search, image_features, label_prior, beam_width=self.beam_width)
-
-    def _search(self, search, image_features, label_prior, **options):
-        """Runs `greedy_search` or `beam_search` over the folded decoding step."""
-        state, step, context = self._decoding_setup(image_features, label_prior)
-        return search(
-            step,
-            state,
-            context,
-            num_labels=self.num_labels,
-            max_length=self.max_length,
-            start_token=start_id(self.num_labels),
-            min_label_score=self.min_label_score,
-            masked_logit=_MASKED_LOGIT,
-            step_scores=self._step_scores,
-            **options,
-        )
+        return search_decoding(self, beam_search, image_features, label_prior, beam_width=self.beam_width)
 
     def _step_scores(self, logits, probs):
         """[..., L] the label scores (`label_scores`) of decoding steps' logits and probs [..., L+1]."""
